@@ -1,0 +1,56 @@
+"""`python -m sdxl_ablate [overrides]`: one variant; add `-m` for a sweep (one MLflow run each)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from .config import ConfigError, TrackingConfig, register_configs, to_typed
+from .tracking import Tracker
+
+log = logging.getLogger("sdxl_ablate")
+register_configs()
+
+
+def run_name() -> str:
+    """The variant's overrides (minus bookkeeping keys, see conf/config.yaml): `lora.targets=all`."""
+    return HydraConfig.get().job.override_dirname or "default"
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(dcfg: DictConfig) -> float | None:
+    hc = HydraConfig.get()
+    try:
+        cfg = to_typed(dcfg)
+    except ConfigError as err:
+        if hc.mode != RunMode.MULTIRUN:
+            raise
+        # In a sweep, record the bad variant as a failed run and go on with the next one.
+        log.error("variant %s: %s", run_name(), err)
+        tracking = TrackingConfig(**OmegaConf.to_container(dcfg.tracking, resolve=True))
+        with Tracker(tracking, str(dcfg.study), run_name(), tags={"study": str(dcfg.study)}) as tracker:
+            tracker.set_status("failed", error=str(err))
+        return None
+
+    from .runner import run  # heavy imports (torch, diffusers) only once the config is valid
+
+    result = run(cfg, run_name(), Path(hc.runtime.output_dir))
+    if hc.mode != RunMode.MULTIRUN:
+        print(f"\nResults: MLflow experiment '{cfg.tracking.experiment or cfg.study}' at {_uri(cfg)}; "
+              f"files in {hc.runtime.output_dir}")
+    return result
+
+
+def _uri(cfg) -> str:
+    from .tracking import resolve_uri
+
+    return resolve_uri(cfg.tracking)
+
+
+if __name__ == "__main__":
+    main()

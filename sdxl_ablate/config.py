@@ -1,0 +1,286 @@
+"""The configuration schema: typed dataclasses, registered with Hydra's ConfigStore.
+
+Values live in conf/*.yaml; types and defaults live here, once. Hydra checks enum and
+type fields while it composes (so `lora.targets=atn` fails before anything loads,
+naming the allowed values); the cross-field checks in `Config.__post_init__` run when
+the composed config becomes a typed object and report every problem at once.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A configuration that composes but cannot be run; lists every problem found."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+class ModelKind(str, enum.Enum):
+    pretrained = "pretrained"  # hub id or local diffusers directory
+    tiny = "tiny"  # SDXL architecture, a few hundred K params, built in code
+    sdxl_random = "sdxl_random"  # full-size SDXL architecture, random weights
+
+
+class DataSource(str, enum.Enum):
+    hub = "hub"
+    folder = "folder"
+    sample = "sample"
+
+
+class Crop(str, enum.Enum):
+    center = "center"
+    random = "random"
+
+
+class Targets(str, enum.Enum):
+    attn = "attn"
+    all = "all"
+
+
+class Precision(str, enum.Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+class Optimizer(str, enum.Enum):
+    adamw = "adamw"
+    adamw8bit = "adamw8bit"
+    prodigy = "prodigy"
+
+
+class Schedule(str, enum.Enum):
+    constant = "constant"
+    constant_with_warmup = "constant_with_warmup"
+    linear = "linear"
+    cosine = "cosine"
+
+
+class BaseWeights(str, enum.Enum):
+    """Storage of the frozen base weights of the UNet."""
+
+    compute = "compute"  # the compute dtype of trainer.precision
+    int8 = "int8"  # bitsandbytes LLM.int8 linear layers (CUDA only)
+
+
+@dataclass
+class ModelConfig:
+    kind: ModelKind = ModelKind.tiny
+    # Hub id or local directory in diffusers layout; used when kind=pretrained.
+    pretrained: str = "stabilityai/stable-diffusion-xl-base-1.0"
+    revision: Optional[str] = None
+    # Optional VAE override (hub id or directory), e.g. madebyollin/sdxl-vae-fp16-fix.
+    vae: Optional[str] = None
+    # True only for a VAE that is safe in fp16; otherwise the VAE always runs in fp32.
+    vae_fp16_safe: bool = False
+
+
+@dataclass
+class DataConfig:
+    source: DataSource = DataSource.sample
+    name: str = "lambdalabs/naruto-blip-captions"  # hub dataset id (source=hub)
+    path: Optional[str] = None  # image folder with metadata.jsonl (source=folder)
+    split: str = "train"
+    image_column: str = "image"
+    caption_column: str = "text"
+    limit: Optional[int] = None  # keep the first N training images
+    heldout: int = 4  # last N images: reference style images + held-out loss, never trained on
+    instance_prompt: Optional[str] = None  # one prompt for every image instead of captions
+    caption_dropout: float = 0.0  # probability of training on the empty prompt
+    resolution: int = 1024
+    crop: Crop = Crop.center
+    flip: bool = False
+    sample_size: int = 16  # images in the generated sample dataset (source=sample)
+
+
+@dataclass
+class LoraConfig:
+    targets: Targets = Targets.attn
+    text_encoder: bool = False  # LoRA on both text encoders' q/k/v/out projections too
+    use_dora: bool = False
+    dropout: float = 0.0
+    rank: int = 16
+    alpha: float = 16.0
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 100  # optimizer steps; ignored when epochs is set
+    epochs: Optional[int] = None
+    batch_size: int = 1
+    grad_accum: int = 1
+    lr: float = 1e-4
+    lr_scheduler: Schedule = Schedule.constant
+    warmup_steps: int = 0
+    optimizer: Optimizer = Optimizer.adamw
+    weight_decay: float = 1e-2
+    precision: Precision = Precision.bf16
+    base_weights: BaseWeights = BaseWeights.compute
+    gradient_checkpointing: bool = True
+    max_grad_norm: Optional[float] = 1.0
+    noise_offset: float = 0.0
+    snr_gamma: Optional[float] = None  # min-SNR-gamma loss weighting, e.g. 5.0
+    seed: int = 0
+    max_nonfinite_in_row: int = 5  # that many skipped non-finite steps in a row end the run
+    log_every: int = 1
+    # Encode images and (frozen) prompts once and share the cache across the sweep.
+    cache_latents: bool = True
+    cache_dir: Optional[str] = None  # default: ~/.cache/sdxl_ablate
+    compile: bool = False
+    channels_last: bool = False
+    save_lora: bool = True
+
+
+@dataclass
+class MemoryConfig:
+    budget_gib: float = 16.0
+    # Cap the CUDA process at the budget, so a variant that would not fit a 16 GB card
+    # fails here too, even on a larger GPU.
+    enforce: bool = True
+    expandable_segments: bool = True
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = True
+    prompts: list[str] = field(
+        default_factory=lambda: [
+            "Naruto Uzumaki eating ramen",
+            "Bill Gates in Naruto style",
+            "A boy with blue eyes in Naruto style",
+            "cute dragon creature",
+        ]
+    )
+    seeds: list[int] = field(default_factory=lambda: [0])
+    resolution: Optional[int] = None  # default: data.resolution
+    steps: int = 25
+    guidance_scale: float = 5.0
+    clip_model: str = "ViT-L-14"
+    clip_pretrained: str = "laion2b_s32b_b82k"  # open_clip tag or a checkpoint file; "tiny" = random tiny CLIP
+    fuse_lora: bool = False
+    vae_tiling: bool = False
+    attention_slicing: bool = False
+    heldout_timesteps: list[int] = field(default_factory=lambda: [100, 300, 500, 700, 900])
+
+
+@dataclass
+class TrackingConfig:
+    uri: Optional[str] = None  # default: sqlite:///<cwd>/mlflow.db
+    experiment: Optional[str] = None  # default: the study name
+    artifact_root: Optional[str] = None  # default: <cwd>/mlartifacts
+    log_weights: bool = True
+
+
+@dataclass
+class Config:
+    study: str = "default"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        problems = cross_field_problems(self)
+        if problems:
+            raise ConfigError(problems)
+
+
+def cross_field_problems(cfg: Config) -> list[str]:
+    """Every check a single field's type cannot express; returns all problems found."""
+    p: list[str] = []
+    lo, tr, da, ev = cfg.lora, cfg.trainer, cfg.data, cfg.eval
+    if lo.rank < 1:
+        p.append(f"lora.rank={lo.rank}: must be an integer >= 1 (e.g. 4, 16, 32)")
+    if lo.alpha <= 0:
+        p.append(f"lora.alpha={lo.alpha}: must be > 0")
+    if not 0.0 <= lo.dropout < 1.0:
+        p.append(f"lora.dropout={lo.dropout}: must be in [0, 1)")
+    if da.resolution < 8 or da.resolution % 8:
+        p.append(f"data.resolution={da.resolution}: must be a positive multiple of 8 (e.g. 512, 1024)")
+    if not 0.0 <= da.caption_dropout <= 1.0:
+        p.append(f"data.caption_dropout={da.caption_dropout}: must be in [0, 1]")
+    if da.limit is not None and da.limit < 1:
+        p.append(f"data.limit={da.limit}: must be >= 1, or null for all images")
+    if da.heldout < 0:
+        p.append(f"data.heldout={da.heldout}: must be >= 0")
+    if da.source == DataSource.folder and not da.path:
+        p.append("data.source=folder needs data.path (a folder with images and metadata.jsonl)")
+    if da.sample_size < 1:
+        p.append(f"data.sample_size={da.sample_size}: must be >= 1")
+    for name in ("max_steps", "batch_size", "grad_accum", "log_every", "max_nonfinite_in_row"):
+        value = getattr(tr, name)
+        if value < 1:
+            p.append(f"trainer.{name}={value}: must be >= 1")
+    if tr.epochs is not None and tr.epochs < 1:
+        p.append(f"trainer.epochs={tr.epochs}: must be >= 1, or null to train for max_steps")
+    if tr.lr <= 0:
+        p.append(f"trainer.lr={tr.lr}: must be > 0 (Prodigy expects 1.0)")
+    if tr.warmup_steps < 0:
+        p.append(f"trainer.warmup_steps={tr.warmup_steps}: must be >= 0")
+    if tr.max_grad_norm is not None and tr.max_grad_norm <= 0:
+        p.append(f"trainer.max_grad_norm={tr.max_grad_norm}: must be > 0, or null for no clipping")
+    if tr.snr_gamma is not None and tr.snr_gamma <= 0:
+        p.append(f"trainer.snr_gamma={tr.snr_gamma}: must be > 0, or null for plain MSE")
+    if tr.noise_offset < 0:
+        p.append(f"trainer.noise_offset={tr.noise_offset}: must be >= 0")
+    if cfg.memory.budget_gib <= 0:
+        p.append(f"memory.budget_gib={cfg.memory.budget_gib}: must be > 0")
+    if ev.enabled and not ev.prompts:
+        p.append("eval.prompts is empty: give at least one prompt or set eval.enabled=false")
+    if ev.steps < 1:
+        p.append(f"eval.steps={ev.steps}: must be >= 1")
+    if ev.resolution is not None and (ev.resolution < 8 or ev.resolution % 8):
+        p.append(f"eval.resolution={ev.resolution}: must be a positive multiple of 8")
+    if not cfg.study or "/" in cfg.study:
+        p.append(f"study={cfg.study!r}: must be a non-empty name without '/'")
+    dev = cfg.device
+    if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        p.append(f"device={dev!r}: must be auto, cpu, cuda or cuda:N")
+    return p
+
+
+def register_configs() -> None:
+    """Registers the schema so conf/config.yaml can extend it (`defaults: [schema, ...]`)."""
+    cs = ConfigStore.instance()
+    cs.store(name="schema", node=Config)
+
+
+def to_typed(cfg: DictConfig | dict[str, Any]) -> Config:
+    """Composed (or plain) config -> typed `Config`; runs the cross-field checks."""
+    if not isinstance(cfg, DictConfig):
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), cfg)
+    # Hydra's own `hydra` node is not part of the schema.
+    cfg = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"]) if "hydra" in cfg else cfg
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+def flatten(cfg: Config) -> dict[str, Any]:
+    """`{"lora.rank": 16, ...}`: the resolved config as flat params for MLflow."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            out[prefix] = node
+
+    walk("", OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True))
+    return out
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -1,0 +1,350 @@
+"""Training data: load captioned images (hub, local folder, or a generated sample) and turn
+them into SDXL training tensors.
+
+Every source goes through `datasets`; images are decoded here rather than by `datasets`,
+so one unreadable file is skipped and reported instead of aborting a run.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import datasets
+import torch
+from datasets.exceptions import DatasetsError
+from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+from PIL import Image, ImageDraw
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+from .config import Crop, DataConfig, DataSource
+
+log = logging.getLogger(__name__)
+
+_OFFLINE_HINT = (
+    "offline, use a local copy instead: data=folder data.path=<folder with images and "
+    "metadata.jsonl>, or data=sample for the generated sample dataset"
+)
+
+
+class DataError(ValueError):
+    """Data that cannot be loaded; the message names the bad value and what is accepted."""
+
+
+@dataclass
+class Example:
+    image: Image.Image  # RGB, decoded
+    caption: str
+
+
+@dataclass
+class LoadedData:
+    train: list[Example]
+    heldout: list[Example]  # the last `heldout` readable images; never trained on
+    skipped: list[str]  # one line per unreadable image: which one and why
+    source: str  # "sample:/path", "folder:/path" or "hub:<dataset id>"
+
+
+# --------------------------------------------------------------------------- sample data
+
+# Bump when the drawing changes, so cached sample folders of the old look are not reused.
+_SAMPLE_VERSION = 1
+_MARKER = ".sample.json"  # hidden: imagefolder ignores dot-files
+
+# A fixed palette is part of the "style" the LoRA should pick up.
+_HAIR = {"orange": (245, 140, 30), "blonde": (250, 215, 80), "black": (45, 45, 70),
+         "pink": (240, 130, 175), "silver": (200, 205, 220), "red": (205, 45, 45)}
+_EYES = {"blue": (40, 110, 230), "green": (40, 170, 90), "red": (210, 30, 40), "purple": (130, 70, 190)}
+_OUTFIT = {"orange": (240, 120, 20), "black": (40, 40, 50), "green": (70, 120, 60), "blue": (50, 80, 160)}
+_BACKGROUND = {"blue sky": (150, 200, 245), "forest": (120, 185, 100),
+               "sunset": (250, 170, 110), "night sky": (35, 45, 95)}
+_SKIN, _SKIN_SHADE = (250, 220, 180), (225, 180, 140)
+_INK, _WHITE = (0, 0, 0), (255, 255, 255)
+_EXPRESSIONS = ("smiling", "serious", "shouting")
+
+
+def _draw_character(size: int, rng: random.Random) -> tuple[Image.Image, str]:
+    """One cel-shaded character portrait (flat colours, thick black outlines) and its caption.
+
+    All geometry is drawn in units of the image size, and the rng draws do not depend on
+    `size`, so one seed gives the same content at every resolution.
+    """
+    hair, eyes, outfit, bg = (rng.choice(list(d)) for d in (_HAIR, _EYES, _OUTFIT, _BACKGROUND))
+    expression = rng.choice(_EXPRESSIONS)
+    headband, whiskers = rng.random() < 0.5, rng.random() < 0.4
+    cx, cy, r = rng.uniform(0.4, 0.6), rng.uniform(0.48, 0.58), rng.uniform(0.2, 0.27)
+    scenery = [(rng.uniform(0.0, 1.0), rng.uniform(0.05, 0.35), rng.uniform(0.04, 0.09)) for _ in range(3)]
+
+    img = Image.new("RGB", (size, size), _BACKGROUND[bg])
+    d = ImageDraw.Draw(img)
+    w = max(1, round(size * 0.02))  # outline width: the thick ink line is part of the style
+
+    def px(v: float) -> float:
+        return v * size
+
+    def disc(x: float, y: float, rad: float, fill: tuple[int, int, int], outline: bool = True) -> None:
+        d.ellipse([px(x - rad), px(y - rad), px(x + rad), px(y + rad)], fill=fill,
+                  outline=_INK if outline else None, width=w)
+
+    # Scenery: clouds, trees or stars, plus a sun or moon.
+    for x, y, s in scenery:
+        if bg == "forest":
+            d.polygon([(px(x), px(y - s)), (px(x - s), px(y + 2 * s)), (px(x + s), px(y + 2 * s))],
+                      fill=(40, 110, 50), outline=_INK, width=w)
+        elif bg == "night sky":
+            disc(x, y, s / 6, (255, 250, 200), outline=False)
+        else:
+            disc(x, y, s, _WHITE)
+    if bg in ("sunset", "night sky"):
+        disc(0.82, 0.18, 0.09, (255, 230, 90) if bg == "sunset" else (240, 240, 210))
+
+    # Shoulders, then spiky hair behind the head.
+    d.polygon([(px(cx - 2 * r), px(1.02)), (px(cx - 1.1 * r), px(cy + 0.9 * r)),
+               (px(cx + 1.1 * r), px(cy + 0.9 * r)), (px(cx + 2 * r), px(1.02))],
+              fill=_OUTFIT[outfit], outline=_INK, width=w)
+    spikes = []
+    for k in range(15):  # alternate inner and outer radius over the upper ~2/3 of the head
+        a = math.pi * (0.85 + 1.3 * k / 14)
+        rad = r * (1.55 if k % 2 else 1.0)
+        spikes.append((px(cx + rad * math.cos(a)), px(cy + rad * math.sin(a))))
+    d.polygon(spikes, fill=_HAIR[hair], outline=_INK, width=w)
+
+    # Face with a hard-edged shadow on its right side (cel shading), outline on top.
+    box = [px(cx - r), px(cy - r), px(cx + r), px(cy + r)]
+    d.ellipse(box, fill=_SKIN)
+    d.chord(box, -70, 70, fill=_SKIN_SHADE)
+    d.ellipse(box, outline=_INK, width=w)
+
+    # Fringe over the forehead, then optionally a headband across it.
+    d.chord(box, 190, 350, fill=_HAIR[hair], outline=_INK, width=w)
+    if headband:
+        top, bottom = cy - 0.62 * r, cy - 0.42 * r
+        d.rectangle([px(cx - 0.97 * r), px(top), px(cx + 0.97 * r), px(bottom)],
+                    fill=(40, 60, 140), outline=_INK, width=w)
+        d.rectangle([px(cx - 0.3 * r), px(top - 0.03 * r), px(cx + 0.3 * r), px(bottom + 0.03 * r)],
+                    fill=(190, 195, 205), outline=_INK, width=w)
+
+    # Eyes: white, coloured iris, pupil and a highlight.
+    for side in (-1, 1):
+        ex, ey = cx + side * 0.38 * r, cy - 0.05 * r
+        d.ellipse([px(ex - 0.2 * r), px(ey - 0.17 * r), px(ex + 0.2 * r), px(ey + 0.17 * r)],
+                  fill=_WHITE, outline=_INK, width=w)
+        disc(ex, ey, 0.12 * r, _EYES[eyes], outline=False)
+        disc(ex, ey, 0.05 * r, _INK, outline=False)
+        disc(ex - 0.05 * r, ey - 0.05 * r, 0.03 * r, _WHITE, outline=False)
+        if whiskers:
+            for k in (-1, 0, 1):
+                y = cy + (0.3 + 0.1 * k) * r
+                d.line([px(cx + side * 0.55 * r), px(y), px(cx + side * 0.85 * r), px(y + 0.04 * k * r)],
+                       fill=_INK, width=w)
+
+    mouth = [px(cx - 0.25 * r), px(cy + 0.35 * r), px(cx + 0.25 * r), px(cy + 0.7 * r)]
+    if expression == "smiling":
+        d.arc(mouth, 20, 160, fill=_INK, width=w)
+    elif expression == "serious":
+        d.line([px(cx - 0.18 * r), px(cy + 0.55 * r), px(cx + 0.18 * r), px(cy + 0.55 * r)], fill=_INK, width=w)
+    else:
+        d.ellipse(mouth, fill=(150, 30, 40), outline=_INK, width=w)
+
+    parts = [f"a {expression} {hair}-haired character with {eyes} eyes and {outfit} clothes"]
+    if headband:
+        parts.append("wearing a headband")
+    if whiskers:
+        parts.append("with whisker marks on the cheeks")
+    parts.append(f"in front of a {bg}")
+    return img, ", ".join(parts)
+
+
+def make_sample_dataset(root: Path, n: int = 16, size: int = 128, seed: int = 0) -> Path:
+    """Writes `n` synthetic style images as a `datasets` imagefolder (PNGs + metadata.jsonl).
+
+    Deterministic (same bytes for the same n/size/seed) and idempotent: a folder whose marker
+    says it already holds exactly this dataset is reused as is.
+    """
+    root = Path(root)
+    spec = {"n": n, "size": size, "seed": seed, "version": _SAMPLE_VERSION}
+    marker = root / _MARKER
+    if marker.is_file() and json.loads(marker.read_text()) == spec:
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob("sample_*.png"):  # only our own names: never touch foreign files
+        stale.unlink()
+    # One rng for the whole set: the first k images are the same for every n >= k.
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        img, caption = _draw_character(size, rng)
+        name = f"sample_{i:04d}.png"
+        img.save(root / name)
+        rows.append(json.dumps({"file_name": name, "text": caption}))
+    (root / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    marker.write_text(json.dumps(spec))  # last: an interrupted write is regenerated next time
+    return root
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("SDXL_ABLATE_CACHE") or Path.home() / ".cache" / "sdxl_ablate")
+
+
+def sample_dataset_dir(cfg: DataConfig) -> Path:
+    """Where the sample dataset for `cfg` lives. Its images are drawn at the training
+    resolution, so they are never upscaled (a blurry sample would teach blur)."""
+    return _cache_root() / f"sample_n{cfg.sample_size}_{cfg.resolution}px_seed0_v{_SAMPLE_VERSION}"
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _env_offline() -> bool:
+    return any(
+        os.environ.get(var, "").upper() in datasets.config.ENV_VARS_TRUE_VALUES
+        for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
+    )
+
+
+def _load_hub(cfg: DataConfig) -> datasets.Dataset:
+    # `datasets` reads the offline variables once, at import; re-read them per call so that
+    # offline mode set later in the process (a test's monkeypatch, a notebook) still holds.
+    was_offline = datasets.config.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = was_offline or _env_offline()
+    try:
+        return datasets.load_dataset(cfg.name, split=cfg.split)
+    except (ConnectionError, FileNotFoundError, ValueError, DatasetsError) as e:
+        raise DataError(
+            f"data.name={cfg.name!r} (split {cfg.split!r}): cannot load this hub dataset "
+            f"({type(e).__name__}: {e}); {_OFFLINE_HINT}"
+        ) from e
+    finally:
+        datasets.config.HF_HUB_OFFLINE = was_offline
+
+
+def _load_folder(path: Path, split: str) -> datasets.Dataset:
+    """Checks the folder first, so a typo gives a message naming the path, not a `datasets` trace."""
+    accepted = f"a directory of images with a metadata file ({' or '.join(ImageFolder.METADATA_FILENAMES)}, " \
+               f"columns file_name and text)"
+    if not path.is_dir():
+        what = "is not a directory" if path.exists() else "does not exist"
+        raise DataError(f"data.path={str(path)!r} {what}; data=folder needs {accepted}")
+    files = [p for p in path.rglob("*") if p.is_file()]
+    if not any(p.suffix.lower() in ImageFolder.EXTENSIONS for p in files):
+        raise DataError(f"data.path={str(path)!r} holds no images (.png, .jpg, .webp, ...); data=folder needs {accepted}")
+    if not any(p.name in ImageFolder.METADATA_FILENAMES for p in files):
+        raise DataError(f"data.path={str(path)!r} has no metadata file with the captions; data=folder needs {accepted}")
+    try:
+        return datasets.load_dataset("imagefolder", data_dir=str(path), split=split)
+    except (FileNotFoundError, ValueError, DatasetsError) as e:
+        raise DataError(f"data.path={str(path)!r} (split {split!r}): {type(e).__name__}: {e}") from e
+
+
+def _open_image(value: dict[str, Any]) -> Image.Image:
+    """An undecoded `datasets.Image` value ({"bytes", "path"}) -> RGB image."""
+    raw = value.get("bytes")
+    with Image.open(io.BytesIO(raw) if raw is not None else value["path"]) as im:
+        return im.convert("RGB")  # also forces the full decode inside the `with`
+
+
+def load_data(cfg: DataConfig) -> LoadedData:
+    """Loads the dataset `cfg` names, decodes its images and splits off the held-out images.
+
+    Only the images that end up in `train` or `heldout` are decoded: with `limit`, the images
+    between the first `limit` and the held-out tail are never read (and so never reported).
+    """
+    if cfg.source == DataSource.hub:
+        ds, source = _load_hub(cfg), f"hub:{cfg.name}"
+    elif cfg.source == DataSource.folder:
+        path = Path(cfg.path or "").expanduser().resolve()
+        ds, source = _load_folder(path, cfg.split), f"folder:{path}"
+    else:
+        path = make_sample_dataset(sample_dataset_dir(cfg), n=cfg.sample_size, size=cfg.resolution)
+        ds, source = _load_folder(path, "train"), f"sample:{path}"
+
+    needed = {"data.image_column": cfg.image_column}
+    if cfg.instance_prompt is None:
+        needed["data.caption_column"] = cfg.caption_column
+    for key, column in needed.items():
+        if column not in ds.column_names:
+            raise DataError(f"{key}={column!r} is not a column of {source}; its columns are {ds.column_names}")
+    ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
+
+    skipped: list[str] = []
+
+    def example(i: int) -> Optional[Example]:
+        row = ds[i]
+        value = row[cfg.image_column]
+        try:
+            image = _open_image(value)
+        except Exception as e:  # PIL raises many types (OSError, ValueError, SyntaxError, ...) for bad files
+            line = f"row {i} ({value.get('path') or 'embedded bytes'}): {type(e).__name__}: {e}"
+            log.warning("skipping unreadable image %s", line)
+            skipped.append(line)
+            return None
+        caption = cfg.instance_prompt if cfg.instance_prompt is not None else row[cfg.caption_column]
+        return Example(image, caption or "")
+
+    # Held-out images first, from the end; then training images from the start up to them.
+    heldout: list[Example] = []
+    end = len(ds)
+    while len(heldout) < cfg.heldout and end > 0:
+        end -= 1
+        if (ex := example(end)) is not None:
+            heldout.insert(0, ex)
+    train: list[Example] = []
+    for i in range(end):
+        if cfg.limit is not None and len(train) >= cfg.limit:
+            break
+        if (ex := example(i)) is not None:
+            train.append(ex)
+
+    if not train:
+        raise DataError(
+            f"{source}: no training images left: {len(ds)} rows, {len(skipped)} unreadable, "
+            f"{len(heldout)} held out (data.heldout={cfg.heldout}); lower data.heldout or add images"
+        )
+    log.info("%s: %d train, %d held out, %d skipped", source, len(train), len(heldout), len(skipped))
+    return LoadedData(train=train, heldout=heldout, skipped=skipped, source=source)
+
+
+# --------------------------------------------------------------------------- transforms
+
+
+class ImageTransform:
+    """PIL RGB image -> SDXL training pixels plus the micro-conditioning SDXL needs
+    (original size and crop top-left), following diffusers' SDXL training scripts."""
+
+    def __init__(self, resolution: int, crop: Crop, flip: bool):
+        self.resolution = resolution
+        self.crop = crop
+        self.flip = flip
+
+    def __call__(
+        self, image: Image.Image, rng: random.Random
+    ) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+        """-> (pixels (3, res, res) float32 in [-1, 1], original (h, w), crop (top, left))."""
+        res = self.resolution
+        original_size = (image.height, image.width)
+        x = TF.resize(TF.pil_to_tensor(image), [res], interpolation=InterpolationMode.BILINEAR, antialias=True)
+        h, w = x.shape[-2:]
+        if self.crop == Crop.random:
+            top, left = rng.randint(0, h - res), rng.randint(0, w - res)
+        else:  # same rounding as torchvision's center_crop
+            top, left = int(round((h - res) / 2.0)), int(round((w - res) / 2.0))
+        x = TF.crop(x, top, left, res, res)
+        if self.flip and rng.random() < 0.5:
+            x = TF.horizontal_flip(x)
+            left = w - left - res  # SDXL convention: the crop as measured on the flipped image
+        pixels = TF.to_dtype(x, torch.float32, scale=True) * 2.0 - 1.0
+        return pixels, original_size, (top, left)
+
+
+def pick_caption(caption: str, caption_dropout: float, rng: random.Random) -> str:
+    """The caption, or "" with probability `caption_dropout` (keeps the unconditional
+    prediction trained, which classifier-free guidance relies on)."""
+    return "" if rng.random() < caption_dropout else caption

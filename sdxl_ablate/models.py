@@ -1,0 +1,434 @@
+"""The SDXL model components: loaded from a hub id or local directory, or built in code.
+
+`model.kind` picks the source: `pretrained` loads real weights (`load_pretrained`), `tiny`
+builds a few-hundred-K-parameter SDXL-architecture model for CPU tests (`build_tiny`), and
+`sdxl_random` builds the full-size SDXL-base architecture with random weights, for memory
+and speed measurements without a download (`build_sdxl_random`). Everything here works
+offline; the CLIP tokenizer is derived from the BPE vocabulary that ships in open_clip's wheel.
+
+Every module comes back in eval mode with requires_grad False: the trainer turns on what
+it trains.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import importlib.util
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import huggingface_hub
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from huggingface_hub.errors import HFValidationError
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from .config import ModelConfig, ModelKind
+
+# --- stabilityai/stable-diffusion-xl-base-1.0: the published config.json values --------------
+
+SDXL_UNET_CONFIG: dict = {
+    "act_fn": "silu",
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    # diffusers' historical misnomer: for SD/SDXL this is the number of heads per block.
+    "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280],
+    "cross_attention_dim": 2048,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "norm_eps": 1e-5,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "projection_class_embeddings_input_dim": 2816,
+    "sample_size": 128,
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "use_linear_projection": True,
+}
+
+SDXL_VAE_CONFIG: dict = {
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "force_upcast": True,
+    "in_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_size": 1024,
+    "scaling_factor": 0.13025,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+}
+
+# The token ids below are the legacy values the published configs carry; with eos_token_id=2
+# transformers pools at argmax(input_ids), which is the first <|endoftext|> (id 49407, the
+# largest id) for CLIP's tokenizer.
+SDXL_TEXT_ENCODER_CONFIG: dict = {  # CLIP ViT-L/14 text tower
+    "attention_dropout": 0.0,
+    "bos_token_id": 0,
+    "dropout": 0.0,
+    "eos_token_id": 2,
+    "hidden_act": "quick_gelu",
+    "hidden_size": 768,
+    "initializer_factor": 1.0,
+    "initializer_range": 0.02,
+    "intermediate_size": 3072,
+    "layer_norm_eps": 1e-5,
+    "max_position_embeddings": 77,
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "pad_token_id": 1,
+    "projection_dim": 768,
+    "vocab_size": 49408,
+}
+
+SDXL_TEXT_ENCODER_2_CONFIG: dict = {  # OpenCLIP ViT-bigG/14 text tower, with its projection
+    **SDXL_TEXT_ENCODER_CONFIG,
+    "hidden_act": "gelu",
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_attention_heads": 20,
+    "num_hidden_layers": 32,
+    "projection_dim": 1280,
+}
+
+# Published as an EulerDiscreteScheduler config; only the keys that define the training
+# noise schedule, which DDPMScheduler and EulerDiscreteScheduler share.
+SDXL_SCHEDULER_CONFIG: dict = {
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+}
+
+# --- the tiny model, after diffusers' own SDXL fast tests ------------------------------------
+
+_TINY_UNET_CONFIG: dict = {
+    "block_out_channels": (32, 64),
+    "layers_per_block": 2,
+    # Latent size for the pipeline's default resolution: 8 * vae_scale_factor 8 = 64 px.
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+    "attention_head_dim": (2, 4),
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    "transformer_layers_per_block": (1, 2),
+    # 6 micro-conditioning values (original size, crop, target size) * 8 + pooled text (32).
+    "projection_class_embeddings_input_dim": 6 * 8 + 32,
+    "cross_attention_dim": 32 + 32,  # text_encoder hidden + text_encoder_2 hidden
+    "norm_num_groups": 1,
+}
+
+# Four blocks, like SDXL's VAE, so latents are 1/8 of the image side here too: resolution
+# arithmetic (and a 64 px image -> 8x8 latents) is the same for the tiny and the real model.
+_TINY_VAE_CONFIG: dict = {
+    "block_out_channels": (8, 16, 32, 32),
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "sample_size": 64,
+    "scaling_factor": 0.13025,
+    "force_upcast": True,
+}
+
+_TINY_TEXT_ENCODER_CONFIG: dict = {
+    **SDXL_TEXT_ENCODER_CONFIG,
+    "hidden_act": "gelu",
+    "hidden_size": 32,
+    "intermediate_size": 37,
+    "num_attention_heads": 4,
+    "num_hidden_layers": 5,
+    "projection_dim": 32,
+}
+
+# Each subfolder of a diffusers-layout SDXL directory, as load_pretrained reads it.
+_SUBFOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+
+_BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+class ModelLoadError(RuntimeError):
+    """A model that cannot be loaded; the message names it and says what would work."""
+
+
+@dataclass
+class SDXLComponents:
+    unet: UNet2DConditionModel
+    vae: Optional[AutoencoderKL]  # None only from build_sdxl_random(with_vae=False)
+    text_encoder: Optional[CLIPTextModel]  # None only from build_sdxl_random(with_text_encoders=False)
+    text_encoder_2: Optional[CLIPTextModelWithProjection]
+    tokenizer: CLIPTokenizer
+    tokenizer_2: CLIPTokenizer
+    noise_scheduler: DDPMScheduler  # the training noise schedule
+
+    def pipeline(self, scheduler: Optional[SchedulerMixin] = None) -> StableDiffusionXLPipeline:
+        """An inference pipeline over these same modules (no copies); default sampler: Euler."""
+        return StableDiffusionXLPipeline(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            text_encoder_2=self.text_encoder_2,
+            tokenizer=self.tokenizer,
+            tokenizer_2=self.tokenizer_2,
+            unet=self.unet,
+            scheduler=scheduler or EulerDiscreteScheduler.from_config(self.noise_scheduler.config),
+            # The invisible watermark perturbs every image; evaluation compares images.
+            add_watermarker=False,
+        )
+
+
+def load_components(cfg: ModelConfig) -> SDXLComponents:
+    kind = ModelKind(cfg.kind)
+    if kind == ModelKind.pretrained:
+        return load_pretrained(cfg)
+    if kind == ModelKind.tiny:
+        return build_tiny()
+    return build_sdxl_random()
+
+
+# --- pretrained -------------------------------------------------------------------------------
+
+_ACCEPTED = (
+    "Accepted: a local directory in diffusers layout (with "
+    + ", ".join(f"{s}/" for s in _SUBFOLDERS)
+    + "), a hub id such as stabilityai/stable-diffusion-xl-base-1.0 while online (or already "
+    "in the hub cache), or, offline without weights, model=tiny or model=sdxl_random."
+)
+
+
+def _hub_offline() -> bool:
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import; read it again so a later change counts.
+    env = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+    return env or bool(huggingface_hub.constants.HF_HUB_OFFLINE)
+
+
+def _locate(source: str, what: str, required: tuple[str, ...]) -> tuple[str, bool]:
+    """(path or hub id, is_local); checks a local directory's layout before anything loads."""
+    path = Path(source).expanduser()
+    if not path.is_dir():
+        try:
+            huggingface_hub.utils.validate_repo_id(source)
+            return source, False
+        except HFValidationError:  # not a hub id, so it was meant as a path
+            raise ModelLoadError(
+                f"{what}={source!r}: treated as a local directory (it is not a valid hub id), "
+                f"but no such directory exists. {_ACCEPTED}"
+            ) from None
+    missing = [r for r in required if not (path / r).exists()]
+    if missing:
+        raise ModelLoadError(
+            f"{what}={source!r}: treated as a local directory, but it lacks {', '.join(missing)}. {_ACCEPTED}"
+        )
+    return str(path), True
+
+
+@contextlib.contextmanager
+def _loading(what: str, source: str, local: bool, offline: bool) -> Iterator[None]:
+    """Turns the OSError that diffusers and transformers raise for a missing repository, file or
+    network into a ModelLoadError naming the source."""
+    try:
+        yield
+    except OSError as e:
+        treated = "a local directory" if local else "a hub id"
+        hint = " HF_HUB_OFFLINE is set, so only the local hub cache was searched." if offline and not local else ""
+        raise ModelLoadError(f"{what}={source!r} (treated as {treated}) failed to load: {e}{hint} {_ACCEPTED}") from e
+
+
+def load_pretrained(cfg: ModelConfig) -> SDXLComponents:
+    """Loads the SDXL components from a hub id or a local diffusers-layout directory, fp32 on CPU."""
+    required = tuple(s for s in _SUBFOLDERS if not (s == "vae" and cfg.vae))
+    source, local = _locate(cfg.pretrained, "model.pretrained", required)
+    if cfg.vae:  # a standalone VAE: config.json and weights at its root
+        vae_source, vae_local = _locate(cfg.vae, "model.vae", ("config.json",))
+    offline = _hub_offline()
+    # local_files_only keeps the hub libraries off the network when offline was set after import.
+    kw = {"revision": cfg.revision, "local_files_only": offline}
+    with _loading("model.pretrained", cfg.pretrained, local, offline):
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=torch.float32, **kw)
+        if not cfg.vae:
+            vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=torch.float32, **kw)
+        # transformers 5 would otherwise load in the checkpoint's dtype (fp16 for SDXL).
+        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=torch.float32, **kw)
+        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+            source, subfolder="text_encoder_2", dtype=torch.float32, **kw
+        )
+        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
+        tokenizer_2 = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **kw)
+        # Published as an EulerDiscreteScheduler config; DDPM reads the same noise schedule.
+        noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kw)
+    if cfg.vae:
+        with _loading("model.vae", cfg.vae, vae_local, offline):
+            # The revision belongs to model.pretrained, not to this other repository.
+            vae = AutoencoderKL.from_pretrained(vae_source, torch_dtype=torch.float32, local_files_only=offline)
+    return _frozen(SDXLComponents(unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, noise_scheduler))
+
+
+# --- built in code --------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _build_on(device: torch.device | str, dtype: torch.dtype) -> Iterator[None]:
+    """Modules created inside are born on `device` in `dtype`: no fp32 or CPU copy is ever made,
+    and on the meta device no memory at all."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _frozen(c: SDXLComponents) -> SDXLComponents:
+    for module in (c.unet, c.vae, c.text_encoder, c.text_encoder_2):
+        if module is not None:
+            module.eval().requires_grad_(False)
+    return c
+
+
+def build_unet(kind: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
+    """A randomly initialised UNet: kind "tiny" or "sdxl" (full size); device="meta" for counting."""
+    configs = {"tiny": _TINY_UNET_CONFIG, "sdxl": SDXL_UNET_CONFIG}
+    if kind not in configs:
+        raise ValueError(f"unet kind {kind!r}: must be one of {sorted(configs)}")
+    with _build_on(device, dtype):
+        unet = UNet2DConditionModel(**configs[kind])
+    return unet.eval().requires_grad_(False)
+
+
+def build_tiny(seed: int = 0) -> SDXLComponents:
+    """The SDXL architecture at toy size with random weights, identical for the same seed."""
+    # fork_rng: a fixed seed here must not reset the caller's global random stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = build_unet("tiny")
+        vae = AutoencoderKL(**_TINY_VAE_CONFIG)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**_TINY_TEXT_ENCODER_CONFIG))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**_TINY_TEXT_ENCODER_CONFIG))
+    return _frozen(
+        SDXLComponents(
+            unet=unet,
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=clip_tokenizer(),
+            tokenizer_2=clip_tokenizer(pad_token="!"),
+            noise_scheduler=DDPMScheduler.from_config(SDXL_SCHEDULER_CONFIG),
+        )
+    )
+
+
+def build_sdxl_random(
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    with_text_encoders: bool = True,
+    with_vae: bool = True,
+) -> SDXLComponents:
+    """The full-size SDXL-base architecture with random weights (no download), built in place."""
+    unet = build_unet("sdxl", device, dtype)
+    vae = text_encoder = text_encoder_2 = None
+    with _build_on(device, dtype):
+        if with_vae:
+            vae = AutoencoderKL(**SDXL_VAE_CONFIG)
+        if with_text_encoders:
+            text_encoder = CLIPTextModel(CLIPTextConfig(**SDXL_TEXT_ENCODER_CONFIG))
+            text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_ENCODER_2_CONFIG))
+    return _frozen(
+        SDXLComponents(
+            unet=unet,
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=clip_tokenizer(),
+            tokenizer_2=clip_tokenizer(pad_token="!"),
+            noise_scheduler=DDPMScheduler.from_config(SDXL_SCHEDULER_CONFIG),
+        )
+    )
+
+
+# --- the offline CLIP tokenizer ---------------------------------------------------------------
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP's (and GPT-2's) reversible map from bytes to printable unicode characters."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    # A temporary file in the same directory, then a rename: a concurrent reader sees either
+    # nothing or the whole file, and two writers of the same content cannot clash.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _clip_bpe_files() -> tuple[Path, Path]:
+    """vocab.json and merges.txt in Hugging Face format, derived once from open_clip's BPE file."""
+    root = Path(os.environ.get("SDXL_ABLATE_CACHE") or Path.home() / ".cache" / "sdxl_ablate")
+    folder = root / "clip_tokenizer"
+    vocab_file, merges_file = folder / "vocab.json", folder / "merges.txt"
+    if vocab_file.is_file() and merges_file.is_file():
+        return vocab_file, merges_file
+    # Located without importing open_clip, which would pull in its models.
+    spec = importlib.util.find_spec("open_clip")
+    bpe = Path(next(iter(spec.submodule_search_locations))) / "bpe_simple_vocab_16e6.txt.gz"
+    with gzip.open(bpe, "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    # As in CLIP's SimpleTokenizer: line 0 is a header; the vocabulary is 49408 tokens =
+    # 256 bytes + 256 end-of-word bytes + 48894 merges + 2 special tokens.
+    merges = lines[1 : 49152 - 256 - 2 + 1]
+    byte_chars = list(_bytes_to_unicode().values())
+    vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m.split()) for m in merges] + [_BOS, _EOS]
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_atomic(vocab_file, json.dumps({token: i for i, token in enumerate(vocab)}, ensure_ascii=False))
+    _write_atomic(merges_file, "#version: 0.2\n" + "\n".join(merges) + "\n")
+    return vocab_file, merges_file
+
+
+def clip_tokenizer(pad_token: str = _EOS) -> CLIPTokenizer:
+    """The real CLIP BPE tokenizer, offline. SDXL's `tokenizer` pads with "<|endoftext|>",
+    its `tokenizer_2` with "!"."""
+    vocab_file, merges_file = _clip_bpe_files()
+    return CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=77, pad_token=pad_token)

@@ -1,0 +1,157 @@
+"""Encoders of the training inputs, and the cache that lets a sweep encode them once.
+
+Both training paths (cached or live) go through `encode_images` and `encode_prompts`, so
+a cached run sees the same distribution as a live one: the cache keeps the VAE posterior
+(mean, std), and the latent is still sampled afresh at every step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import ImageOps
+
+from .config import Config
+from .data import Example, ImageTransform
+
+log = logging.getLogger(__name__)
+
+MAX_TOKENS = 77
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SDXL_ABLATE_CACHE", Path.home() / ".cache" / "sdxl_ablate"))
+
+
+@torch.no_grad()
+def encode_images(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixels in [-1, 1] -> the VAE posterior's (mean, std), unscaled, in fp32."""
+    # The VAE runs in its own dtype (fp32 unless fp16-safe), never in the autocast dtype.
+    with torch.autocast(pixels.device.type, enabled=False):
+        dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    return dist.mean.float(), dist.std.float()
+
+
+def sample_latents(mean: torch.Tensor, std: torch.Tensor, scaling_factor: float, generator=None) -> torch.Tensor:
+    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    # SDXL's VAE latents are scaled by 0.13025 (the config's scaling_factor) to unit variance.
+    return (mean + std * noise) * scaling_factor
+
+
+def encode_prompts(text_encoder, text_encoder_2, tokenizer, tokenizer_2, prompts: list[str]):
+    """SDXL's conditioning: both encoders' penultimate hidden states, concatenated, and the
+    second encoder's pooled projection. Gradients flow when the encoders train."""
+    hidden = []
+    for tok, enc in ((tokenizer, text_encoder), (tokenizer_2, text_encoder_2)):
+        ids = tok(prompts, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt").input_ids
+        out = enc(ids.to(enc.device), output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+    pooled = out.text_embeds  # CLIPTextModelWithProjection of the second encoder
+    return torch.cat(hidden, dim=-1), pooled
+
+
+@dataclass
+class Prepared:
+    """One training image, transformed: pixels or cached posterior, and SDXL's size/crop ids."""
+
+    caption: str
+    time_ids: tuple[int, int, int, int, int, int]  # original h, w, crop top, left, target h, w
+    pixels: torch.Tensor | None = None  # (3, H, W) in [-1, 1] (live path)
+    mean: torch.Tensor | None = None  # (4, h, w) posterior mean (cached path)
+    std: torch.Tensor | None = None
+
+
+def prepare_example(example: Example, transform: ImageTransform, rng: random.Random) -> Prepared:
+    pixels, (oh, ow), (top, left) = transform(example.image, rng)
+    res = transform.resolution
+    return Prepared(caption=example.caption, time_ids=(oh, ow, top, left, res, res), pixels=pixels)
+
+
+@dataclass
+class LatentCache:
+    """The encoded training set: per image (and per flip), the posterior and the time ids;
+    per distinct prompt, its embeddings (only when the text encoders are frozen)."""
+
+    items: list[list[Prepared]]  # items[i] = the variants of image i (unflipped, and flipped if data.flip)
+    prompt_embeds: dict[str, tuple[torch.Tensor, torch.Tensor]] | None  # prompt -> (embeds, pooled), on CPU
+
+
+_MEMORY: dict[str, LatentCache] = {}  # this process's caches: a sweep's later variants skip the disk
+
+
+def cache_key(cfg: Config, examples: list[Example], with_prompts: bool, dtype: torch.dtype) -> str:
+    h = hashlib.sha256()
+    m, d = cfg.model, cfg.data
+    ident = {
+        "model": [m.kind.value, m.pretrained, m.revision, m.vae, m.vae_fp16_safe],
+        "data": [d.resolution, d.crop.value, d.flip, d.caption_dropout > 0],
+        "prompts": with_prompts,
+        "dtype": str(dtype),
+        "seed": cfg.trainer.seed,
+        "version": 1,
+    }
+    h.update(json.dumps(ident, sort_keys=True).encode())
+    for ex in examples:  # the content itself: a changed image or caption is a new cache
+        h.update(ex.caption.encode())
+        h.update(ex.image.tobytes())
+    return h.hexdigest()[:24]
+
+
+def build_cache(cfg: Config, components, examples: list[Example], with_prompts: bool,
+                embed_dtype: torch.dtype, cache_dir: Path | None = None, batch_size: int = 8) -> LatentCache:
+    """Encodes the examples once; reuses this process's or the disk's copy when it matches."""
+    key = cache_key(cfg, examples, with_prompts, embed_dtype)
+    if key in _MEMORY:
+        return _MEMORY[key]
+    path = (cache_dir or cache_root() / "latents") / f"{key}.pt"
+    if path.is_file():
+        log.info("latent cache hit: %s", path)
+        cache = torch.load(path, weights_only=False)
+        _MEMORY[key] = cache
+        return cache
+
+    transform = ImageTransform(cfg.data.resolution, cfg.data.crop, flip=False)
+    rng = random.Random(cfg.trainer.seed)
+    # A random crop is drawn once per image here: the cache trades crop variety for speed.
+    # Flipped copies are made before the crop, as the live path does, so crop_top_left is
+    # measured on the image the model sees.
+    items = [[prepare_example(img, transform, rng) for img in _orientations(ex, cfg.data.flip)] for ex in examples]
+    flat = [p for variants in items for p in variants]
+    for i in range(0, len(flat), batch_size):
+        chunk = flat[i : i + batch_size]
+        mean, std = encode_images(components.vae, torch.stack([p.pixels for p in chunk]))
+        for p, m_, s_ in zip(chunk, mean.cpu(), std.cpu()):
+            p.mean, p.std, p.pixels = m_, s_, None
+
+    prompt_embeds = None
+    if with_prompts:
+        prompts = sorted({p.caption for p in flat} | ({""} if cfg.data.caption_dropout > 0 else set()))
+        prompt_embeds = {}
+        with torch.no_grad():
+            for i in range(0, len(prompts), batch_size):
+                chunk = prompts[i : i + batch_size]
+                embeds, pooled = encode_prompts(components.text_encoder, components.text_encoder_2,
+                                                components.tokenizer, components.tokenizer_2, chunk)
+                for prompt, e, p in zip(chunk, embeds.to("cpu", embed_dtype), pooled.to("cpu", embed_dtype)):
+                    prompt_embeds[prompt] = (e, p)
+    cache = LatentCache(items, prompt_embeds)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(cache, tmp)
+    tmp.replace(path)  # atomic: a concurrent sweep never reads half a file
+    _MEMORY[key] = cache
+    log.info("latent cache written: %s (%d images)", path, len(items))
+    return cache
+
+
+def _orientations(example: Example, flip: bool) -> list[Example]:
+    if not flip:
+        return [example]
+    return [example, Example(ImageOps.mirror(example.image), example.caption)]

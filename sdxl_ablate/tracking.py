@@ -1,0 +1,101 @@
+"""MLflow tracking: one experiment per study, one run per variant, always closed.
+
+Uses `MlflowClient` rather than the fluent API: no process-global active run that could
+leak from one sweep job into the next (Hydra runs a sweep's jobs in one process).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from .config import TrackingConfig
+
+log = logging.getLogger(__name__)
+
+# MLflow's limits on one log_batch call and on one param value.
+_BATCH = 100
+_PARAM_CHARS = 6000
+
+
+def resolve_uri(cfg: TrackingConfig) -> str:
+    # Embedded store by default: MLflow 3 refuses the plain ./mlruns file store.
+    return cfg.uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def get_or_create_experiment(client: MlflowClient, name: str, artifact_root: str | None) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    root = Path(artifact_root) if artifact_root else Path.cwd() / "mlartifacts"
+    return client.create_experiment(name, artifact_location=(root / name).resolve().as_uri())
+
+
+class Tracker:
+    """`with Tracker(cfg, experiment, run_name) as t:` -> the run is closed whatever happens.
+
+    The status tag (ok/oom/nan/failed) is the caller's; the MLflow run status follows it.
+    """
+
+    def __init__(self, cfg: TrackingConfig, experiment: str, run_name: str, tags: dict[str, str] | None = None):
+        self.uri = resolve_uri(cfg)
+        self.client = MlflowClient(tracking_uri=self.uri)
+        self.experiment_id = get_or_create_experiment(self.client, cfg.experiment or experiment, cfg.artifact_root)
+        self.run_name = run_name
+        self._tags = dict(tags or {})
+        self.run_id: str | None = None
+        self.status = "failed"
+
+    def __enter__(self) -> "Tracker":
+        run = self.client.create_run(self.experiment_id, run_name=self.run_name, tags=self._tags)
+        self.run_id = run.info.run_id
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is not None:
+            self.set_tags({"status": "failed", "error": f"{type(exc).__name__}: {exc}"[:5000]})
+            self.status = "failed"
+        terminal = "FINISHED" if self.status == "ok" else "FAILED"
+        self.client.set_terminated(self.run_id, status=terminal)
+
+    # -- logging ------------------------------------------------------------------------
+    def log_params(self, params: dict[str, Any]) -> None:
+        items = [Param(k, str(v)[:_PARAM_CHARS]) for k, v in params.items()]
+        for i in range(0, len(items), _BATCH):
+            self.client.log_batch(self.run_id, params=items[i : i + _BATCH])
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None and math.isfinite(float(v))]
+        for i in range(0, len(items), _BATCH):
+            self.client.log_batch(self.run_id, metrics=items[i : i + _BATCH])
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def set_status(self, status: str, error: str | None = None) -> None:
+        self.status = status
+        tags = {"status": status}
+        if error:
+            tags["error"] = error[:5000]
+        self.set_tags(tags)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_dict(self, data: dict, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, json.dumps(data, indent=2, sort_keys=True), artifact_file)

@@ -1,0 +1,249 @@
+"""The training loop shared by every variant: SDXL's LoRA objective, nothing variant-specific.
+
+Read `train` top to bottom: setup (precision, adapters, optimizer), inputs (cached or
+live), then the loop. A variant differs only through its config.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import compute_snr
+from tqdm.auto import tqdm
+
+from .config import Config, Optimizer, Precision
+from .data import ImageTransform, LoadedData, pick_caption
+from .lora import add_adapters
+from .precompute import build_cache, encode_images, encode_prompts, prepare_example, sample_latents
+
+log = logging.getLogger(__name__)
+
+DTYPES = {Precision.fp32: torch.float32, Precision.fp16: torch.float16, Precision.bf16: torch.bfloat16}
+
+
+@dataclass
+class TrainResult:
+    status: str  # ok | nan
+    steps: int = 0
+    losses: list[float] = field(default_factory=list)  # per optimizer step; nan where skipped
+    nonfinite_steps: int = 0
+    step_times: list[float] = field(default_factory=list)
+    images_per_step: int = 1
+
+    @property
+    def final_loss(self) -> float:
+        """Mean of the last (up to) 10 finite step losses: less noisy than the last step."""
+        finite = [x for x in self.losses if math.isfinite(x)][-10:]
+        return sum(finite) / len(finite) if finite else float("nan")
+
+    @property
+    def step_time(self) -> float:
+        """Median seconds per optimizer step, the first step (warm-up) left out."""
+        times = self.step_times[1:] or self.step_times
+        return statistics.median(times) if times else float("nan")
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images_per_step / self.step_time
+
+
+def total_steps(cfg: Config, n_images: int) -> int:
+    t = cfg.trainer
+    if t.epochs is None:
+        return t.max_steps
+    return t.epochs * math.ceil(n_images / (t.batch_size * t.grad_accum))
+
+
+def make_optimizer(params, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+    t = cfg.trainer
+    if t.optimizer == Optimizer.adamw:
+        # fused: one kernel for all LoRA tensors instead of several per tensor.
+        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=device.type == "cuda")
+    if t.optimizer == Optimizer.adamw8bit:
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=t.lr, weight_decay=t.weight_decay)
+    from prodigyopt import Prodigy
+
+    # Prodigy estimates the step size itself; lr scales it (1.0 is the intended value).
+    return Prodigy(params, lr=t.lr, weight_decay=t.weight_decay, safeguard_warmup=True, use_bias_correction=True)
+
+
+def diffusion_loss(unet, scheduler, latents, embeds, pooled, time_ids, cfg: Config, generator) -> torch.Tensor:
+    """SDXL's denoising objective at random timesteps: epsilon or v, as the scheduler says."""
+    t = cfg.trainer
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    if t.noise_offset:
+        # Offset noise: a per-channel shift lets the model learn overall brightness.
+        noise = noise + t.noise_offset * torch.randn(
+            (*latents.shape[:2], 1, 1), generator=generator, device=latents.device, dtype=latents.dtype)
+    steps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
+                          generator=generator, device=latents.device)
+    noisy = scheduler.add_noise(latents, noise, steps)
+    pred = unet(noisy, steps, embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+    prediction = scheduler.config.prediction_type
+    if prediction == "epsilon":
+        target = noise
+    elif prediction == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, steps)
+    else:
+        raise ValueError(f"scheduler prediction_type={prediction!r}: only epsilon and v_prediction are supported")
+    if t.snr_gamma is None:
+        return F.mse_loss(pred.float(), target.float())
+    # Min-SNR-gamma (Hang et al. 2023): down-weight the easy, low-noise timesteps.
+    snr = compute_snr(scheduler, steps)
+    weight = torch.clamp(snr, max=t.snr_gamma) / (snr + 1 if prediction == "v_prediction" else snr)
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return (per_sample * weight).mean()
+
+
+def batches(n: int, batch_size: int, rng: random.Random) -> Iterator[list[int]]:
+    """Endless shuffled epochs of indices, cut into batches."""
+    order: list[int] = []
+    while True:
+        while len(order) < batch_size:
+            epoch = list(range(n))
+            rng.shuffle(epoch)
+            order += epoch
+        yield order[:batch_size]
+        order = order[batch_size:]
+
+
+def train(components, data: LoadedData, cfg: Config, device: torch.device,
+          log_metrics: Callable[[dict[str, float], int], None] = lambda m, s: None,
+          memory_stats: Callable[[], dict[str, float]] = dict) -> TrainResult:
+    t, lo = cfg.trainer, cfg.lora
+    torch.manual_seed(t.seed)
+    rng = random.Random(t.seed)
+    generator = torch.Generator(device).manual_seed(t.seed)
+    dtype = DTYPES[t.precision]
+    c = components
+
+    # --- precision and placement -------------------------------------------------------
+    # Frozen weights in the compute dtype; the trainable LoRA weights stay fp32 (the optimizer
+    # and the fp16 loss scaler need fp32 master weights).
+    c.unet.to(device, dtype)
+    # fp32 VAE: the SDXL VAE overflows in fp16, unless it is an fp16-safe VAE.
+    vae_dtype = dtype if cfg.model.vae_fp16_safe else torch.float32
+    c.vae.to(device, vae_dtype)
+    c.text_encoder.to(device, dtype)
+    c.text_encoder_2.to(device, dtype)
+    params = add_adapters(c, lo)
+    for p in params:
+        p.data = p.data.float()
+    log_metrics({"params/trainable": sum(p.numel() for p in params),
+                 "params/unet_total": sum(p.numel() for p in c.unet.parameters())}, 0)
+    if t.gradient_checkpointing:
+        c.unet.enable_gradient_checkpointing()
+        if lo.text_encoder:
+            c.text_encoder.gradient_checkpointing_enable()
+            c.text_encoder_2.gradient_checkpointing_enable()
+    if t.channels_last:
+        c.unet.to(memory_format=torch.channels_last)
+    c.unet.train()
+    for enc in (c.text_encoder, c.text_encoder_2):
+        enc.train(lo.text_encoder)
+    if t.compile:
+        c.unet.compile()
+
+    steps = total_steps(cfg, len(data.train))
+    optimizer = make_optimizer(params, cfg, device)
+    lr_schedule = get_scheduler(t.lr_scheduler.value, optimizer, num_warmup_steps=t.warmup_steps,
+                                num_training_steps=steps)
+    # Loss scaling only for fp16: bf16 has fp32's range.
+    scaler = torch.amp.GradScaler(device.type, enabled=t.precision == Precision.fp16)
+    scaling_factor = c.vae.config.scaling_factor
+
+    # --- inputs: encode once (cache) or at every step (live) ------------------------------
+    cache = None
+    if t.cache_latents:
+        cache = build_cache(cfg, c, data.train, with_prompts=not lo.text_encoder, embed_dtype=dtype,
+                            cache_dir=Path(t.cache_dir) if t.cache_dir else None)
+        # The VAE (and frozen text encoders) are no longer needed on the GPU.
+        c.vae.to("cpu")
+        if not lo.text_encoder:
+            c.text_encoder.to("cpu")
+            c.text_encoder_2.to("cpu")
+    transform = ImageTransform(cfg.data.resolution, cfg.data.crop, cfg.data.flip)
+
+    def next_inputs(indices: list[int]):
+        """-> latents, prompt embeds, pooled embeds, time ids for one micro-batch."""
+        if cache is not None:
+            items = [rng.choice(cache.items[i]) for i in indices]  # random orientation when flipped copies exist
+            mean = torch.stack([p.mean for p in items]).to(device)
+            std = torch.stack([p.std for p in items]).to(device)
+        else:
+            items = [prepare_example(data.train[i], transform, rng) for i in indices]
+            mean, std = encode_images(c.vae, torch.stack([p.pixels for p in items]).to(device))
+        latents = sample_latents(mean, std, scaling_factor, generator).to(dtype)
+        captions = [pick_caption(p.caption, cfg.data.caption_dropout, rng) for p in items]
+        if cache is not None and cache.prompt_embeds is not None:
+            embeds = torch.stack([cache.prompt_embeds[cap][0] for cap in captions]).to(device)
+            pooled = torch.stack([cache.prompt_embeds[cap][1] for cap in captions]).to(device)
+        else:
+            with torch.set_grad_enabled(lo.text_encoder):
+                embeds, pooled = encode_prompts(c.text_encoder, c.text_encoder_2, c.tokenizer, c.tokenizer_2, captions)
+        time_ids = torch.tensor([p.time_ids for p in items], device=device, dtype=dtype)
+        return latents, embeds, pooled, time_ids
+
+    # --- the loop ----------------------------------------------------------------------------
+    result = TrainResult(status="ok", images_per_step=t.batch_size * t.grad_accum)
+    order = batches(len(data.train), t.batch_size, rng)
+    nonfinite_in_row = 0
+    bar = tqdm(range(steps), desc=f"train {cfg.lora.targets.value}", unit="step", dynamic_ncols=True)
+    for step in bar:
+        started = time.perf_counter()
+        step_loss, finite = 0.0, True
+        for _ in range(t.grad_accum):
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                latents, embeds, pooled, time_ids = next_inputs(next(order))
+                loss = diffusion_loss(c.unet, c.noise_scheduler, latents, embeds, pooled, time_ids, cfg, generator)
+            if not torch.isfinite(loss):
+                finite = False
+                break
+            scaler.scale(loss / t.grad_accum).backward()
+            step_loss += loss.item() / t.grad_accum
+
+        if not finite:
+            # Skip the whole step: no update from a batch whose loss is NaN or inf.
+            optimizer.zero_grad(set_to_none=True)
+            result.nonfinite_steps += 1
+            nonfinite_in_row += 1
+            result.losses.append(float("nan"))
+            log.warning("step %d: non-finite loss, step skipped (%d in a row)", step, nonfinite_in_row)
+            if nonfinite_in_row >= t.max_nonfinite_in_row:
+                result.status = "nan"
+                break
+            continue
+        nonfinite_in_row = 0
+
+        if t.max_grad_norm is not None:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        lr_schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # honest step times: wait for the GPU
+        result.step_times.append(time.perf_counter() - started)
+        result.losses.append(step_loss)
+        result.steps = step + 1
+
+        if step % t.log_every == 0 or step == steps - 1:
+            metrics = {"train/loss": step_loss, "train/lr": lr_schedule.get_last_lr()[0], **memory_stats()}
+            log_metrics(metrics, step)
+            bar.set_postfix(loss=f"{step_loss:.4f}")
+    bar.close()
+    result.steps = len(result.losses)
+    return result
