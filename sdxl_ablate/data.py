@@ -143,14 +143,15 @@ def _draw_character(size: int, rng: random.Random) -> tuple[Image.Image, str]:
         if whiskers:
             for k in (-1, 0, 1):
                 y = cy + (0.3 + 0.1 * k) * r
-                d.line([px(cx + side * 0.55 * r), px(y), px(cx + side * 0.85 * r), px(y + 0.04 * k * r)],
-                       fill=_INK, width=w)
+                x0, x1 = px(cx + side * 0.55 * r), px(cx + side * 0.85 * r)
+                d.line([x0, px(y), x1, px(y + 0.04 * k * r)], fill=_INK, width=w)
 
     mouth = [px(cx - 0.25 * r), px(cy + 0.35 * r), px(cx + 0.25 * r), px(cy + 0.7 * r)]
     if expression == "smiling":
         d.arc(mouth, 20, 160, fill=_INK, width=w)
     elif expression == "serious":
-        d.line([px(cx - 0.18 * r), px(cy + 0.55 * r), px(cx + 0.18 * r), px(cy + 0.55 * r)], fill=_INK, width=w)
+        y = px(cy + 0.55 * r)
+        d.line([px(cx - 0.18 * r), y, px(cx + 0.18 * r), y], fill=_INK, width=w)
     else:
         d.ellipse(mouth, fill=(150, 30, 40), outline=_INK, width=w)
 
@@ -228,16 +229,16 @@ def _load_hub(cfg: DataConfig) -> datasets.Dataset:
 
 def _load_folder(path: Path, split: str) -> datasets.Dataset:
     """Checks the folder first, so a typo gives a message naming the path, not a `datasets` trace."""
-    accepted = f"a directory of images with a metadata file ({' or '.join(ImageFolder.METADATA_FILENAMES)}, " \
-               f"columns file_name and text)"
+    metadata = " or ".join(ImageFolder.METADATA_FILENAMES)
+    needs = f"data=folder needs a folder of images with a metadata file ({metadata}; file_name, text)"
     if not path.is_dir():
         what = "is not a directory" if path.exists() else "does not exist"
-        raise DataError(f"data.path={str(path)!r} {what}; data=folder needs {accepted}")
+        raise DataError(f"data.path={str(path)!r} {what}; {needs}")
     files = [p for p in path.rglob("*") if p.is_file()]
     if not any(p.suffix.lower() in ImageFolder.EXTENSIONS for p in files):
-        raise DataError(f"data.path={str(path)!r} holds no images (.png, .jpg, .webp, ...); data=folder needs {accepted}")
+        raise DataError(f"data.path={str(path)!r} holds no images (.png, .jpg, .webp, ...); {needs}")
     if not any(p.name in ImageFolder.METADATA_FILENAMES for p in files):
-        raise DataError(f"data.path={str(path)!r} has no metadata file with the captions; data=folder needs {accepted}")
+        raise DataError(f"data.path={str(path)!r} has no metadata file with the captions; {needs}")
     try:
         return datasets.load_dataset("imagefolder", data_dir=str(path), split=split)
     except (FileNotFoundError, ValueError, DatasetsError) as e:
@@ -260,7 +261,9 @@ def load_data(cfg: DataConfig) -> LoadedData:
     if cfg.source == DataSource.hub:
         ds, source = _load_hub(cfg), f"hub:{cfg.name}"
     elif cfg.source == DataSource.folder:
-        path = Path(cfg.path or "").expanduser().resolve()
+        if not cfg.path:
+            raise DataError("data.source=folder needs data.path (a folder with images and metadata.jsonl)")
+        path = Path(cfg.path).expanduser().resolve()
         ds, source = _load_folder(path, cfg.split), f"folder:{path}"
     else:
         path = make_sample_dataset(sample_dataset_dir(cfg), n=cfg.sample_size, size=cfg.resolution)
@@ -330,7 +333,8 @@ class ImageTransform:
         """-> (pixels (3, res, res) float32 in [-1, 1], original (h, w), crop (top, left))."""
         res = self.resolution
         original_size = (image.height, image.width)
-        x = TF.resize(TF.pil_to_tensor(image), [res], interpolation=InterpolationMode.BILINEAR, antialias=True)
+        x = TF.pil_to_tensor(image)
+        x = TF.resize(x, [res], interpolation=InterpolationMode.BILINEAR, antialias=True)
         h, w = x.shape[-2:]
         if self.crop == Crop.random:
             top, left = rng.randint(0, h - res), rng.randint(0, w - res)

@@ -217,11 +217,16 @@ def load_components(cfg: ModelConfig) -> SDXLComponents:
 
 # --- pretrained -------------------------------------------------------------------------------
 
-_ACCEPTED = (
+_ACCEPTED_MODEL = (
     "Accepted: a local directory in diffusers layout (with "
     + ", ".join(f"{s}/" for s in _SUBFOLDERS)
     + "), a hub id such as stabilityai/stable-diffusion-xl-base-1.0 while online (or already "
     "in the hub cache), or, offline without weights, model=tiny or model=sdxl_random."
+)
+_ACCEPTED_VAE = (
+    "Accepted: a VAE directory with config.json and weights at its root, a VAE hub id such as "
+    "madebyollin/sdxl-vae-fp16-fix while online (or already in the hub cache), or model.vae=null "
+    "for the model's own VAE."
 )
 
 
@@ -231,64 +236,74 @@ def _hub_offline() -> bool:
     return env or bool(huggingface_hub.constants.HF_HUB_OFFLINE)
 
 
-def _locate(source: str, what: str, required: tuple[str, ...]) -> tuple[str, bool]:
-    """(path or hub id, is_local); checks a local directory's layout before anything loads."""
-    path = Path(source).expanduser()
-    if not path.is_dir():
-        try:
-            huggingface_hub.utils.validate_repo_id(source)
-            return source, False
-        except HFValidationError:  # not a hub id, so it was meant as a path
-            raise ModelLoadError(
-                f"{what}={source!r}: treated as a local directory (it is not a valid hub id), "
-                f"but no such directory exists. {_ACCEPTED}"
-            ) from None
-    missing = [r for r in required if not (path / r).exists()]
-    if missing:
-        raise ModelLoadError(
-            f"{what}={source!r}: treated as a local directory, but it lacks {', '.join(missing)}. {_ACCEPTED}"
-        )
-    return str(path), True
+@dataclass(frozen=True)
+class _Source:
+    key: str  # the config key, e.g. "model.pretrained"
+    given: str  # its value as the user wrote it
+    location: str  # a resolved local path, or the hub id
+    local: bool
+    accepted: str
+
+    def error(self, problem: str) -> ModelLoadError:
+        treated = "a local directory" if self.local else "a hub id"
+        return ModelLoadError(f"{self.key}={self.given!r} (treated as {treated}): {problem} {self.accepted}")
+
+
+def _locate(key: str, given: str, required: tuple[str, ...], accepted: str) -> _Source:
+    """Decides between local directory and hub id; checks a directory's layout before any load."""
+    path = Path(given).expanduser()
+    if path.is_dir():
+        source = _Source(key, given, str(path), True, accepted)
+        missing = [r for r in required if not (path / r).exists()]
+        if missing:
+            raise source.error(f"the directory lacks {', '.join(missing)}.")
+        return source
+    try:
+        huggingface_hub.utils.validate_repo_id(given)
+    except HFValidationError:  # not a hub id, so it was meant as a path
+        raise _Source(key, given, str(path), True, accepted).error("no such directory exists.") from None
+    return _Source(key, given, given, False, accepted)
 
 
 @contextlib.contextmanager
-def _loading(what: str, source: str, local: bool, offline: bool) -> Iterator[None]:
+def _loading(source: _Source, offline: bool) -> Iterator[None]:
     """Turns the OSError that diffusers and transformers raise for a missing repository, file or
-    network into a ModelLoadError naming the source."""
+    connection into a ModelLoadError that names the source."""
     try:
         yield
     except OSError as e:
-        treated = "a local directory" if local else "a hub id"
-        hint = " HF_HUB_OFFLINE is set, so only the local hub cache was searched." if offline and not local else ""
-        raise ModelLoadError(f"{what}={source!r} (treated as {treated}) failed to load: {e}{hint} {_ACCEPTED}") from e
+        hint = " HF_HUB_OFFLINE is set, so only the local hub cache was searched." if offline and not source.local else ""
+        raise source.error(f"loading failed: {e}{hint}") from e
 
 
 def load_pretrained(cfg: ModelConfig) -> SDXLComponents:
     """Loads the SDXL components from a hub id or a local diffusers-layout directory, fp32 on CPU."""
     required = tuple(s for s in _SUBFOLDERS if not (s == "vae" and cfg.vae))
-    source, local = _locate(cfg.pretrained, "model.pretrained", required)
-    if cfg.vae:  # a standalone VAE: config.json and weights at its root
-        vae_source, vae_local = _locate(cfg.vae, "model.vae", ("config.json",))
+    model = _locate("model.pretrained", cfg.pretrained, required, _ACCEPTED_MODEL)
+    vae_override = _locate("model.vae", cfg.vae, ("config.json",), _ACCEPTED_VAE) if cfg.vae else None
     offline = _hub_offline()
-    # local_files_only keeps the hub libraries off the network when offline was set after import.
-    kw = {"revision": cfg.revision, "local_files_only": offline}
-    with _loading("model.pretrained", cfg.pretrained, local, offline):
-        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=torch.float32, **kw)
-        if not cfg.vae:
-            vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=torch.float32, **kw)
+    # local_files_only keeps the hub libraries off the network even when HF_HUB_OFFLINE was set
+    # after they were imported.
+    kw = {"local_files_only": offline}
+    if vae_override:  # first: it is small, and a wrong id should fail before the UNet loads
+        with _loading(vae_override, offline):
+            # No revision: model.revision belongs to model.pretrained's repository.
+            vae = AutoencoderKL.from_pretrained(vae_override.location, torch_dtype=torch.float32, **kw)
+    kw["revision"] = cfg.revision
+    src = model.location
+    with _loading(model, offline):
+        unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", torch_dtype=torch.float32, **kw)
+        if not vae_override:
+            vae = AutoencoderKL.from_pretrained(src, subfolder="vae", torch_dtype=torch.float32, **kw)
         # transformers 5 would otherwise load in the checkpoint's dtype (fp16 for SDXL).
-        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=torch.float32, **kw)
+        text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", dtype=torch.float32, **kw)
         text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
-            source, subfolder="text_encoder_2", dtype=torch.float32, **kw
+            src, subfolder="text_encoder_2", dtype=torch.float32, **kw
         )
-        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
-        tokenizer_2 = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **kw)
+        tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", **kw)
+        tokenizer_2 = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer_2", **kw)
         # Published as an EulerDiscreteScheduler config; DDPM reads the same noise schedule.
-        noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kw)
-    if cfg.vae:
-        with _loading("model.vae", cfg.vae, vae_local, offline):
-            # The revision belongs to model.pretrained, not to this other repository.
-            vae = AutoencoderKL.from_pretrained(vae_source, torch_dtype=torch.float32, local_files_only=offline)
+        noise_scheduler = DDPMScheduler.from_pretrained(src, subfolder="scheduler", **kw)
     return _frozen(SDXLComponents(unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, noise_scheduler))
 
 

@@ -116,7 +116,8 @@ def test_sample_source_loads_with_counts_and_captions():
 
 
 def test_folder_skips_a_corrupt_image(tmp_path):
-    root = write_folder(tmp_path / "f", {"good.png": solid("red"), "bad.png": os.urandom(300), "also.png": solid("blue")})
+    files = {"good.png": solid("red"), "bad.png": os.urandom(300), "also.png": solid("blue")}
+    root = write_folder(tmp_path / "f", files)
     data = load_data(folder_cfg(root))
     assert data.source == f"folder:{root.resolve()}"
     assert [e.caption for e in data.train] == ["caption good.png", "caption also.png"]
@@ -148,6 +149,11 @@ def test_folder_problems_name_the_path(tmp_path, case):
     assert str(path) in msg and "metadata.jsonl" in msg
     if case == "no_metadata":
         assert "no metadata" in msg
+
+
+def test_folder_source_without_a_path_is_an_error():
+    with pytest.raises(DataError, match="needs data.path"):
+        load_data(DataConfig(source=DataSource.folder))
 
 
 def test_wrong_caption_column_lists_the_columns(tmp_path):
@@ -228,6 +234,12 @@ def gradient(w: int, h: int) -> Image.Image:
     return TF.to_pil_image(chw)
 
 
+def resized_reference(img: Image.Image, res: int) -> torch.Tensor:
+    """The whole image resized as the transform does, before cropping, in [-1, 1]."""
+    x = TF.resize(TF.pil_to_tensor(img), [res], antialias=True)
+    return TF.to_dtype(x, torch.float32, scale=True) * 2 - 1
+
+
 def test_random_crop_is_reproducible_and_matches_its_coordinates():
     img = gradient(240, 80)
     t = ImageTransform(32, Crop.random, flip=False)
@@ -237,7 +249,7 @@ def test_random_crop_is_reproducible_and_matches_its_coordinates():
     lefts = {t(img, random.Random(seed))[2][1] for seed in range(20)}
     assert len(lefts) > 1 and all(0 <= left <= 96 - 32 for left in lefts)
 
-    resized = TF.to_dtype(TF.resize(TF.pil_to_tensor(img), [32], antialias=True), torch.float32, scale=True) * 2 - 1
+    resized = resized_reference(img, 32)
     pixels, _, (top, left) = a
     assert top == 0
     assert torch.equal(pixels, resized[:, top : top + 32, left : left + 32])
@@ -245,7 +257,7 @@ def test_random_crop_is_reproducible_and_matches_its_coordinates():
 
 def test_flip_mirrors_pixels_and_measures_the_crop_on_the_flipped_image():
     img = gradient(240, 80)
-    resized = TF.to_dtype(TF.resize(TF.pil_to_tensor(img), [32], antialias=True), torch.float32, scale=True) * 2 - 1
+    resized = resized_reference(img, 32)
     flipped_resized = torch.flip(resized, dims=[-1])
     plain, flip = ImageTransform(32, Crop.random, flip=False), ImageTransform(32, Crop.random, flip=True)
     seen = set()
