@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 
 class ModelKind(str, enum.Enum):
     pretrained = "pretrained"  # hub id or local diffusers directory
-    tiny = "tiny"  # SDXL architecture, a few hundred K params, built in code
+    tiny = "tiny"  # SDXL architecture, ~5M params (mostly token embeddings), built in code
     sdxl_random = "sdxl_random"  # full-size SDXL architecture, random weights
 
 

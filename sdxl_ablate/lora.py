@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model_state_dict
-from safetensors import safe_open
+from safetensors.torch import load_file
 
 from .config import LoraConfig, Targets
 
@@ -33,6 +33,7 @@ UNET_TARGETS: dict[Targets, tuple[str, ...]] = {
 TEXT_ENCODER_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
+_MAGNITUDE = "lora_magnitude_vector"
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
 
@@ -82,6 +83,10 @@ def save_lora(components, out_dir: str | Path) -> Path:
     for name, module in modules.items():
         # LoRA weights are saved in fp32 whatever the training precision, for exact reloads.
         state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in get_peft_model_state_dict(module).items()}
+        if name in TEXT_ENCODERS:
+            # transformers' LoRA loader maps a DoRA magnitude only under its ".weight" name;
+            # under peft's bare name it keeps the fresh magnitude and merely warns.
+            state = {k + ".weight" if k.endswith(_MAGNITUDE) else k: v for k, v in state.items()}
         kwargs[f"{name}_lora_layers"] = state
         kwargs[f"{name}_lora_adapter_metadata"] = module.peft_config["default"].to_dict()
     out_dir = Path(out_dir)
@@ -89,14 +94,28 @@ def save_lora(components, out_dir: str | Path) -> Path:
     return out_dir / LORA_FILE
 
 
-def saved_keys(path: str | Path) -> dict[str, set[str]]:
-    """{component: {key without the component prefix}} of a saved LoRA file."""
-    out: dict[str, set[str]] = {}
-    with safe_open(str(path), framework="pt") as f:
-        for key in f.keys():
-            component, rest = key.split(".", 1)
-            out.setdefault(component, set()).add(rest)
+def saved_state(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
+    """{component: {peft key: tensor}} of a saved LoRA file (prefix stripped, magnitude names as peft's)."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in load_file(str(path)).items():
+        component, rest = key.split(".", 1)
+        out.setdefault(component, {})[rest.removesuffix(".weight") if rest.endswith(_MAGNITUDE + ".weight") else rest] = tensor
     return out
+
+
+def _load_problems(saved: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor]) -> str:
+    """'' when the model's adapter holds exactly the saved tensors, else what differs.
+
+    Key names alone are not enough: a loader that fails to map a key leaves the freshly
+    initialised adapter tensor in place under the right name, with only a warning."""
+    missing = sorted(saved.keys() - loaded.keys())
+    unexpected = sorted(loaded.keys() - saved.keys())
+    differ = sorted(k for k in saved.keys() & loaded.keys()
+                    if not torch.equal(saved[k], loaded[k].detach().to("cpu", saved[k].dtype)))
+    parts = [f"{len(v)} {what} (e.g. {v[:2]})" for what, v in
+             (("saved tensors missing", missing), ("adapter tensors not in the file", unexpected),
+              ("tensors with other values than saved", differ)) if v]
+    return "; ".join(parts)
 
 
 def load_lora(pipe, path: str | Path, adapter_name: str = "variant", fuse: bool = False) -> None:
@@ -108,15 +127,10 @@ def load_lora(pipe, path: str | Path, adapter_name: str = "variant", fuse: bool 
     if not path.is_file():
         raise LoraLoadError(f"LoRA file {path} does not exist")
     pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter_name)
-    for component, keys in saved_keys(path).items():
-        module = getattr(pipe, component)
-        loaded = set(get_peft_model_state_dict(module, adapter_name=adapter_name))
-        missing = sorted(keys - loaded)
-        if missing:
-            raise LoraLoadError(
-                f"{len(missing)} of {len(keys)} LoRA tensors for {component} were not loaded from {path}, "
-                f"e.g. {missing[:3]}"
-            )
+    for component, saved in saved_state(path).items():
+        problems = _load_problems(saved, get_peft_model_state_dict(getattr(pipe, component), adapter_name=adapter_name))
+        if problems:
+            raise LoraLoadError(f"LoRA {path} did not load completely into {component}: {problems}")
     for component in ("unet", *TEXT_ENCODERS):
         # Modules built in code start in train mode, and load_lora_weights does not change
         # that: LoRA dropout would stay active at inference.

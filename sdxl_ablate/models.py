@@ -1,7 +1,7 @@
 """The SDXL model components: loaded from a hub id or local directory, or built in code.
 
 `model.kind` picks the source: `pretrained` loads real weights (`load_pretrained`), `tiny`
-builds a few-hundred-K-parameter SDXL-architecture model for CPU tests (`build_tiny`), and
+builds a ~5M-parameter SDXL-architecture model for CPU tests (`build_tiny`), and
 `sdxl_random` builds the full-size SDXL-base architecture with random weights, for memory
 and speed measurements without a download (`build_sdxl_random`). Everything here works
 offline; the CLIP tokenizer is derived from the BPE vocabulary that ships in open_clip's wheel.
@@ -28,10 +28,10 @@ from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
     EulerDiscreteScheduler,
+    SchedulerMixin,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from huggingface_hub.errors import HFValidationError
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -172,7 +172,9 @@ _TINY_TEXT_ENCODER_CONFIG: dict = {
 }
 
 # Each subfolder of a diffusers-layout SDXL directory, as load_pretrained reads it.
-_SUBFOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+_SUBFOLDERS = (
+    "unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"
+)
 
 _BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
 
@@ -184,8 +186,9 @@ class ModelLoadError(RuntimeError):
 @dataclass
 class SDXLComponents:
     unet: UNet2DConditionModel
-    vae: Optional[AutoencoderKL]  # None only from build_sdxl_random(with_vae=False)
-    text_encoder: Optional[CLIPTextModel]  # None only from build_sdxl_random(with_text_encoders=False)
+    # None only from build_sdxl_random(with_vae=False) or (with_text_encoders=False).
+    vae: Optional[AutoencoderKL]
+    text_encoder: Optional[CLIPTextModel]
     text_encoder_2: Optional[CLIPTextModelWithProjection]
     tokenizer: CLIPTokenizer
     tokenizer_2: CLIPTokenizer
@@ -207,6 +210,8 @@ class SDXLComponents:
 
 
 def load_components(cfg: ModelConfig) -> SDXLComponents:
+    """The components `cfg.kind` names, fp32 on CPU; for sdxl_random built directly on a GPU in
+    its compute dtype, call build_sdxl_random(device, dtype) instead."""
     kind = ModelKind(cfg.kind)
     if kind == ModelKind.pretrained:
         return load_pretrained(cfg)
@@ -246,7 +251,9 @@ class _Source:
 
     def error(self, problem: str) -> ModelLoadError:
         treated = "a local directory" if self.local else "a hub id"
-        return ModelLoadError(f"{self.key}={self.given!r} (treated as {treated}): {problem} {self.accepted}")
+        return ModelLoadError(
+            f"{self.key}={self.given!r} (treated as {treated}): {problem} {self.accepted}"
+        )
 
 
 def _locate(key: str, given: str, required: tuple[str, ...], accepted: str) -> _Source:
@@ -261,7 +268,8 @@ def _locate(key: str, given: str, required: tuple[str, ...], accepted: str) -> _
     try:
         huggingface_hub.utils.validate_repo_id(given)
     except HFValidationError:  # not a hub id, so it was meant as a path
-        raise _Source(key, given, str(path), True, accepted).error("no such directory exists.") from None
+        source = _Source(key, given, str(path), True, accepted)
+        raise source.error("no such directory exists.") from None
     return _Source(key, given, given, False, accepted)
 
 
@@ -272,39 +280,50 @@ def _loading(source: _Source, offline: bool) -> Iterator[None]:
     try:
         yield
     except OSError as e:
-        hint = " HF_HUB_OFFLINE is set, so only the local hub cache was searched." if offline and not source.local else ""
+        hint = ""
+        if offline and not source.local:
+            hint = " HF_HUB_OFFLINE is set, so only the local hub cache was searched."
         raise source.error(f"loading failed: {e}{hint}") from e
 
 
 def load_pretrained(cfg: ModelConfig) -> SDXLComponents:
-    """Loads the SDXL components from a hub id or a local diffusers-layout directory, fp32 on CPU."""
+    """The SDXL components from a hub id or a local diffusers-layout directory, fp32 on CPU."""
     required = tuple(s for s in _SUBFOLDERS if not (s == "vae" and cfg.vae))
     model = _locate("model.pretrained", cfg.pretrained, required, _ACCEPTED_MODEL)
-    vae_override = _locate("model.vae", cfg.vae, ("config.json",), _ACCEPTED_VAE) if cfg.vae else None
+    vae_override = None
+    if cfg.vae:  # a standalone VAE: config.json and weights at its root
+        vae_override = _locate("model.vae", cfg.vae, ("config.json",), _ACCEPTED_VAE)
     offline = _hub_offline()
     # local_files_only keeps the hub libraries off the network even when HF_HUB_OFFLINE was set
     # after they were imported.
     kw = {"local_files_only": offline}
+    fp32 = {"torch_dtype": torch.float32}  # diffusers' spelling
     if vae_override:  # first: it is small, and a wrong id should fail before the UNet loads
         with _loading(vae_override, offline):
             # No revision: model.revision belongs to model.pretrained's repository.
-            vae = AutoencoderKL.from_pretrained(vae_override.location, torch_dtype=torch.float32, **kw)
+            vae = AutoencoderKL.from_pretrained(vae_override.location, **fp32, **kw)
     kw["revision"] = cfg.revision
     src = model.location
     with _loading(model, offline):
-        unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", torch_dtype=torch.float32, **kw)
+        unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", **fp32, **kw)
         if not vae_override:
-            vae = AutoencoderKL.from_pretrained(src, subfolder="vae", torch_dtype=torch.float32, **kw)
-        # transformers 5 would otherwise load in the checkpoint's dtype (fp16 for SDXL).
-        text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", dtype=torch.float32, **kw)
+            vae = AutoencoderKL.from_pretrained(src, subfolder="vae", **fp32, **kw)
+        # transformers' spelling; transformers 5 would otherwise load in the checkpoint's dtype
+        # (fp16 for SDXL).
+        te_kw = {"dtype": torch.float32, **kw}
+        text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", **te_kw)
         text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
-            src, subfolder="text_encoder_2", dtype=torch.float32, **kw
+            src, subfolder="text_encoder_2", **te_kw
         )
         tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", **kw)
         tokenizer_2 = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer_2", **kw)
         # Published as an EulerDiscreteScheduler config; DDPM reads the same noise schedule.
         noise_scheduler = DDPMScheduler.from_pretrained(src, subfolder="scheduler", **kw)
-    return _frozen(SDXLComponents(unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, noise_scheduler))
+    return _frozen(
+        SDXLComponents(
+            unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, noise_scheduler
+        )
+    )
 
 
 # --- built in code --------------------------------------------------------------------------
@@ -323,6 +342,21 @@ def _build_on(device: torch.device | str, dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
+def _assemble(unet, vae, text_encoder, text_encoder_2) -> SDXLComponents:
+    """Built modules + SDXL's two tokenizers and training noise schedule, frozen."""
+    return _frozen(
+        SDXLComponents(
+            unet=unet,
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=clip_tokenizer(),
+            tokenizer_2=clip_tokenizer(pad_token="!"),
+            noise_scheduler=DDPMScheduler.from_config(SDXL_SCHEDULER_CONFIG),
+        )
+    )
+
+
 def _frozen(c: SDXLComponents) -> SDXLComponents:
     for module in (c.unet, c.vae, c.text_encoder, c.text_encoder_2):
         if module is not None:
@@ -330,8 +364,10 @@ def _frozen(c: SDXLComponents) -> SDXLComponents:
     return c
 
 
-def build_unet(kind: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
-    """A randomly initialised UNet: kind "tiny" or "sdxl" (full size); device="meta" for counting."""
+def build_unet(
+    kind: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> UNet2DConditionModel:
+    """A randomly initialised UNet, kind "tiny" or "sdxl"; device="meta" builds it in no memory."""
     configs = {"tiny": _TINY_UNET_CONFIG, "sdxl": SDXL_UNET_CONFIG}
     if kind not in configs:
         raise ValueError(f"unet kind {kind!r}: must be one of {sorted(configs)}")
@@ -348,18 +384,10 @@ def build_tiny(seed: int = 0) -> SDXLComponents:
         unet = build_unet("tiny")
         vae = AutoencoderKL(**_TINY_VAE_CONFIG)
         text_encoder = CLIPTextModel(CLIPTextConfig(**_TINY_TEXT_ENCODER_CONFIG))
-        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**_TINY_TEXT_ENCODER_CONFIG))
-    return _frozen(
-        SDXLComponents(
-            unet=unet,
-            vae=vae,
-            text_encoder=text_encoder,
-            text_encoder_2=text_encoder_2,
-            tokenizer=clip_tokenizer(),
-            tokenizer_2=clip_tokenizer(pad_token="!"),
-            noise_scheduler=DDPMScheduler.from_config(SDXL_SCHEDULER_CONFIG),
+        text_encoder_2 = CLIPTextModelWithProjection(
+            CLIPTextConfig(**_TINY_TEXT_ENCODER_CONFIG)
         )
-    )
+    return _assemble(unet, vae, text_encoder, text_encoder_2)
 
 
 def build_sdxl_random(
@@ -376,18 +404,10 @@ def build_sdxl_random(
             vae = AutoencoderKL(**SDXL_VAE_CONFIG)
         if with_text_encoders:
             text_encoder = CLIPTextModel(CLIPTextConfig(**SDXL_TEXT_ENCODER_CONFIG))
-            text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_ENCODER_2_CONFIG))
-    return _frozen(
-        SDXLComponents(
-            unet=unet,
-            vae=vae,
-            text_encoder=text_encoder,
-            text_encoder_2=text_encoder_2,
-            tokenizer=clip_tokenizer(),
-            tokenizer_2=clip_tokenizer(pad_token="!"),
-            noise_scheduler=DDPMScheduler.from_config(SDXL_SCHEDULER_CONFIG),
-        )
-    )
+            text_encoder_2 = CLIPTextModelWithProjection(
+                CLIPTextConfig(**SDXL_TEXT_ENCODER_2_CONFIG)
+            )
+    return _assemble(unet, vae, text_encoder, text_encoder_2)
 
 
 # --- the offline CLIP tokenizer ---------------------------------------------------------------
@@ -395,7 +415,8 @@ def build_sdxl_random(
 
 def _bytes_to_unicode() -> dict[int, str]:
     """CLIP's (and GPT-2's) reversible map from bytes to printable unicode characters."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    bs = printable + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -435,9 +456,11 @@ def _clip_bpe_files() -> tuple[Path, Path]:
     # 256 bytes + 256 end-of-word bytes + 48894 merges + 2 special tokens.
     merges = lines[1 : 49152 - 256 - 2 + 1]
     byte_chars = list(_bytes_to_unicode().values())
-    vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m.split()) for m in merges] + [_BOS, _EOS]
+    vocab = [*byte_chars, *(c + "</w>" for c in byte_chars), *("".join(m.split()) for m in merges)]
+    vocab += [_BOS, _EOS]
     folder.mkdir(parents=True, exist_ok=True)
-    _write_atomic(vocab_file, json.dumps({token: i for i, token in enumerate(vocab)}, ensure_ascii=False))
+    ids = {token: i for i, token in enumerate(vocab)}
+    _write_atomic(vocab_file, json.dumps(ids, ensure_ascii=False))
     _write_atomic(merges_file, "#version: 0.2\n" + "\n".join(merges) + "\n")
     return vocab_file, merges_file
 
@@ -446,4 +469,6 @@ def clip_tokenizer(pad_token: str = _EOS) -> CLIPTokenizer:
     """The real CLIP BPE tokenizer, offline. SDXL's `tokenizer` pads with "<|endoftext|>",
     its `tokenizer_2` with "!"."""
     vocab_file, merges_file = _clip_bpe_files()
-    return CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=77, pad_token=pad_token)
+    return CLIPTokenizer(
+        str(vocab_file), str(merges_file), model_max_length=77, pad_token=pad_token
+    )

@@ -31,7 +31,8 @@ def n_params(module: torch.nn.Module) -> int:
 
 
 def modules(c: models.SDXLComponents) -> dict[str, torch.nn.Module]:
-    return {"unet": c.unet, "vae": c.vae, "text_encoder": c.text_encoder, "text_encoder_2": c.text_encoder_2}
+    names = ("unet", "vae", "text_encoder", "text_encoder_2")
+    return {name: getattr(c, name) for name in names}
 
 
 def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
@@ -55,19 +56,20 @@ def tiny() -> models.SDXLComponents:
     return build_tiny()
 
 
-# --- tokenizer ---------------------------------------------------------------------------------
+# --- tokenizer -------------------------------------------------------------------------------
 
 
 def test_clip_tokenizer_ids_padding_and_cache(tokenizer_cache):
     tok, tok2 = clip_tokenizer(), clip_tokenizer(pad_token="!")
     assert len(tok) == 49408 and tok.model_max_length == 77
     for t, pad_id in ((tok, 49407), (tok2, 0)):  # "!" is token 0
-        ids = t("a photo of a cat", padding="max_length", max_length=t.model_max_length, truncation=True).input_ids
+        ids = t("a photo of a cat", padding="max_length", max_length=77, truncation=True).input_ids
         assert ids == CAT_IDS + [pad_id] * (77 - len(CAT_IDS))
     assert tok.pad_token == "<|endoftext|>" and tok2.pad_token == "!"
 
     folder = tokenizer_cache / "clip_tokenizer"
-    assert sorted(p.name for p in folder.iterdir()) == ["merges.txt", "vocab.json"]  # no temp files left
+    # Exactly the two files: no temporary file is left behind.
+    assert sorted(p.name for p in folder.iterdir()) == ["merges.txt", "vocab.json"]
     merges = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
     assert merges[0] == "#version: 0.2" and len(merges) == 1 + 48894
     # A second call reuses the cached files.
@@ -80,11 +82,12 @@ def test_clip_tokenizer_matches_open_clip():
     from open_clip.tokenizer import SimpleTokenizer
 
     reference, tok = SimpleTokenizer(), clip_tokenizer()
-    for text in ["Naruto Uzumaki eating ramen", "Bill Gates in Naruto-style!!", "  A boy, 3 dogs & café  "]:
+    texts = ["Naruto Uzumaki eating ramen", "Bill Gates in Naruto-style!!", " A boy, 3 dogs & café "]
+    for text in texts:
         assert tok(text).input_ids == [49406, *reference.encode(text), 49407], text
 
 
-# --- built in code ------------------------------------------------------------------------------
+# --- built in code ----------------------------------------------------------------------------
 
 
 def test_sdxl_unet_exact_size_on_meta():
@@ -110,7 +113,9 @@ def test_sdxl_random_on_meta_sizes_dims_and_dtype():
     assert torch.get_default_dtype() == torch.float32  # restored after the build
     te1, te2, u = c.text_encoder.config, c.text_encoder_2.config, c.unet.config
     assert u.cross_attention_dim == te1.hidden_size + te2.hidden_size == 2048
-    assert u.projection_class_embeddings_input_dim == 6 * u.addition_time_embed_dim + te2.projection_dim == 2816
+    # 6 micro-conditioning values (original size, crop, target size) + the pooled text embedding
+    add_dim = 6 * u.addition_time_embed_dim + te2.projection_dim
+    assert u.projection_class_embeddings_input_dim == add_dim == 2816
     assert c.vae.config.scaling_factor == 0.13025 and c.vae.config.force_upcast
 
     bare = build_sdxl_random(device="meta", with_text_encoders=False, with_vae=False)
@@ -120,7 +125,8 @@ def test_sdxl_random_on_meta_sizes_dims_and_dtype():
 def test_tiny_dims_frozen_fp32(tiny):
     te1, te2, u = tiny.text_encoder.config, tiny.text_encoder_2.config, tiny.unet.config
     assert u.cross_attention_dim == te1.hidden_size + te2.hidden_size == 64
-    assert u.projection_class_embeddings_input_dim == 6 * u.addition_time_embed_dim + te2.projection_dim == 80
+    add_dim = 6 * u.addition_time_embed_dim + te2.projection_dim
+    assert u.projection_class_embeddings_input_dim == add_dim == 80
     assert te1.vocab_size == te2.vocab_size == len(tiny.tokenizer) == 49408
     for m in modules(tiny).values():
         assert not m.training
@@ -138,8 +144,12 @@ def test_tiny_forward_shapes(tiny):
         latents = tiny.vae.encode(image).latent_dist.sample(generator)
         assert latents.shape == (2, 4, 8, 8)  # 1/8 of the image side, as in SDXL
         text = torch.randn(2, 77, 64, generator=generator)
-        cond = {"text_embeds": torch.randn(2, 32, generator=generator), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}
-        noise_pred = tiny.unet(latents, torch.tensor([10, 500]), text, added_cond_kwargs=cond).sample
+        cond = {
+            "text_embeds": torch.randn(2, 32, generator=generator),
+            "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2),
+        }
+        timesteps = torch.tensor([10, 500])
+        noise_pred = tiny.unet(latents, timesteps, text, added_cond_kwargs=cond).sample
         assert noise_pred.shape == (2, 4, 8, 8)
         assert tiny.vae.decode(latents).sample.shape == (2, 3, 64, 64)
 
@@ -155,20 +165,23 @@ def test_build_tiny_deterministic_and_leaves_global_rng_alone(tiny):
 
 
 def test_load_components_dispatch(monkeypatch):
-    assert load_components(ModelConfig(kind=ModelKind.tiny)).unet.config.block_out_channels == (32, 64)
+    tiny = load_components(ModelConfig(kind=ModelKind.tiny))
+    assert tiny.unet.config.block_out_channels == (32, 64)
     monkeypatch.setattr(models, "build_sdxl_random", lambda: "sdxl_random")
     monkeypatch.setattr(models, "load_pretrained", lambda cfg: ("pretrained", cfg.pretrained))
     assert load_components(ModelConfig(kind=ModelKind.sdxl_random)) == "sdxl_random"
-    assert load_components(ModelConfig(kind=ModelKind.pretrained, pretrained="x/y")) == ("pretrained", "x/y")
+    cfg = ModelConfig(kind=ModelKind.pretrained, pretrained="x/y")
+    assert load_components(cfg) == ("pretrained", "x/y")
 
 
-# --- pipeline -----------------------------------------------------------------------------------
+# --- pipeline ---------------------------------------------------------------------------------
 
 
 def test_pipeline_generates_deterministically(tiny):
     pipe = tiny.pipeline()
     pipe.set_progress_bar_config(disable=True)
-    assert pipe.unet is tiny.unet and pipe.text_encoder_2 is tiny.text_encoder_2  # shared, not copied
+    # The same modules, not copies: what the trainer changes is what the pipeline runs.
+    assert pipe.unet is tiny.unet and pipe.text_encoder_2 is tiny.text_encoder_2
     assert isinstance(pipe.scheduler, EulerDiscreteScheduler) and pipe.vae_scale_factor == 8
     assert torch.equal(pipe.scheduler.betas, tiny.noise_scheduler.betas)
 
@@ -187,16 +200,16 @@ def test_pipeline_generates_deterministically(tiny):
     assert isinstance(tiny.pipeline(ddpm).scheduler, DDPMScheduler)
 
 
-# --- load_pretrained ----------------------------------------------------------------------------
+# --- load_pretrained --------------------------------------------------------------------------
 
 
 def test_round_trip_through_a_diffusers_directory(tiny, tmp_path):
     tiny.pipeline().save_pretrained(tmp_path)
     loaded = load_components(ModelConfig(kind=ModelKind.pretrained, pretrained=str(tmp_path)))
-    for name, module in modules(tiny).items():
-        assert_same_weights(module, modules(loaded)[name])
-        assert not modules(loaded)[name].training
-        assert {(p.dtype, p.requires_grad) for p in modules(loaded)[name].parameters()} == {(torch.float32, False)}
+    for name, module in modules(loaded).items():
+        assert_same_weights(module, modules(tiny)[name])
+        assert not module.training
+        assert {(p.dtype, p.requires_grad) for p in module.parameters()} == {(torch.float32, False)}
     assert loaded.tokenizer("a photo of a cat").input_ids == CAT_IDS
     assert (loaded.tokenizer.pad_token, loaded.tokenizer_2.pad_token) == ("<|endoftext|>", "!")
     # Saved as the pipeline's Euler config, read back as the training scheduler.
@@ -208,7 +221,9 @@ def test_vae_override_from_a_directory(tiny, tmp_path):
     tiny.pipeline().save_pretrained(tmp_path / "model")
     other = build_tiny(seed=1).vae
     other.save_pretrained(tmp_path / "vae")
-    cfg = ModelConfig(kind=ModelKind.pretrained, pretrained=str(tmp_path / "model"), vae=str(tmp_path / "vae"))
+    cfg = ModelConfig(
+        kind=ModelKind.pretrained, pretrained=str(tmp_path / "model"), vae=str(tmp_path / "vae")
+    )
     loaded = load_pretrained(cfg)
     assert_same_weights(loaded.vae, other)
     assert_same_weights(loaded.unet, tiny.unet)
@@ -226,7 +241,8 @@ def test_missing_directory_raises(tmp_path):
 def test_incomplete_directory_names_missing_subfolders(tmp_path):
     for sub in ("unet", "vae", "scheduler"):
         (tmp_path / sub).mkdir()
-    with pytest.raises(ModelLoadError, match="lacks text_encoder, text_encoder_2, tokenizer, tokenizer_2[.]"):
+    missing = "lacks text_encoder, text_encoder_2, tokenizer, tokenizer_2[.]"
+    with pytest.raises(ModelLoadError, match=missing):
         load_pretrained(ModelConfig(kind=ModelKind.pretrained, pretrained=str(tmp_path)))
 
 
