@@ -1,0 +1,114 @@
+"""Every config file composes; bad values fail at composition, naming what is accepted."""
+
+from __future__ import annotations
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+from omegaconf.errors import ValidationError
+
+from sdxl_ablate.config import Config, ConfigError, Optimizer, Targets, flatten, to_typed
+from sdxl_ablate.lora import UNET_TARGETS
+
+from .conftest import CONF, ROOT, compose_config
+
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
+
+
+def all_options():
+    for group in GROUPS:
+        for f in sorted((CONF / group).glob("*.yaml")):
+            yield group, f.stem
+
+
+@pytest.mark.parametrize("group,option", list(all_options()))
+def test_every_config_file_composes_into_the_schema(group, option):
+    needs = {("data", "folder"): ["data.path=/data/my_style"]}  # options that need a value of yours
+    cfg = to_typed(compose_config([f"{group}={option}", *needs.get((group, option), [])]))
+    assert isinstance(cfg, Config)
+
+
+def test_groups_cover_conf_and_sweeps():
+    assert {"model", "data", "lora", "trainer", "memory", "eval", "tracking", "experiment", "variant", "sweep"} <= set(GROUPS)
+    # conf/sweep is the committed sweeps/ folder itself, not a copy.
+    assert (CONF / "sweep").resolve() == (ROOT / "sweeps").resolve()
+    assert len(list((ROOT / "sweeps").glob("*.yaml"))) >= 2
+
+
+def test_every_sweep_job_composes():
+    """Each job of each committed sweep, as Hydra's sweeper would launch it."""
+    for sweep in sorted((ROOT / "sweeps").glob("*.yaml")):
+        base = compose_config([f"sweep={sweep.stem}"], return_hydra_config=True)
+        params = OmegaConf.to_container(base.hydra.sweeper.params)
+        assert params, f"{sweep.name} sweeps nothing"
+        for key, values in params.items():
+            for value in str(values).split(","):
+                to_typed(compose_config([f"sweep={sweep.stem}", f"{key}={value}"]))
+
+
+def test_naruto_study_variants_are_the_six_of_the_write_up():
+    want = {
+        "te_all": (True, Targets.all, False), "te_attn": (True, Targets.attn, False),
+        "all": (False, Targets.all, False), "attn": (False, Targets.attn, False),
+        "dora_prodigy": (False, Targets.attn, True), "attn_dropout05": (False, Targets.attn, False),
+    }
+    params = compose_config(["sweep=naruto_study"], return_hydra_config=True).hydra.sweeper.params
+    assert params["variant"].split(",") == list(want)
+    for variant, (te, targets, dora) in want.items():
+        cfg = to_typed(compose_config(["sweep=naruto_study", "experiment=demo", f"variant={variant}"]))
+        assert (cfg.lora.text_encoder, cfg.lora.targets, cfg.lora.use_dora) == (te, targets, dora)
+        assert cfg.study == "demo"  # the experiment names the study, after the sweep
+    dora = to_typed(compose_config(["experiment=demo", "variant=dora_prodigy"]))
+    assert (dora.trainer.optimizer, dora.trainer.lr, dora.trainer.snr_gamma) == (Optimizer.prodigy, 1.0, 5.0)
+    assert to_typed(compose_config(["variant=attn_dropout05"])).lora.dropout == 0.5
+
+
+def test_unknown_axis_value_fails_at_composition_naming_allowed_values():
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_config(["lora.targets=atn"])
+    text = str(err.value) + str(err.value.__cause__)
+    assert "atn" in text and "attn" in text and "all" in text
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_config(["trainer.optimizer=sgd"])
+    assert "adamw8bit" in str(err.value) + str(err.value.__cause__)
+
+
+def test_wrong_type_fails_at_composition():
+    with pytest.raises((ConfigCompositionException, ValidationError)):
+        compose_config(["lora.rank=sixteen"])
+
+
+def test_cross_field_problems_are_all_reported_at_once():
+    with pytest.raises(ConfigError) as err:
+        to_typed(compose_config(["lora.rank=0", "lora.dropout=1.5", "data.resolution=100", "trainer.lr=-1"]))
+    problems = err.value.problems
+    assert len(problems) == 4
+    assert any(p.startswith("lora.rank=0") for p in problems)
+    assert any("data.resolution=100" in p and "multiple of 8" in p for p in problems)
+
+
+def test_any_dropout_value_and_rank_alpha_are_accepted():
+    cfg = to_typed(compose_config(["lora.dropout=0.37", "lora.rank=32", "lora.alpha=16"]))
+    assert (cfg.lora.dropout, cfg.lora.rank, cfg.lora.alpha) == (0.37, 32, 16.0)
+
+
+def test_folder_source_needs_a_path():
+    with pytest.raises(ConfigError, match="data.path"):
+        to_typed(compose_config(["data=folder"]))
+
+
+def test_defaults_are_the_real_task():
+    cfg = to_typed(compose_config([]))
+    assert cfg.model.pretrained == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert cfg.data.name == "lambdalabs/naruto-blip-captions"
+    assert cfg.memory.budget_gib == 16
+    assert cfg.eval.prompts == ["Naruto Uzumaki eating ramen", "Bill Gates in Naruto style",
+                                "A boy with blue eyes in Naruto style", "cute dragon creature"]
+
+
+def test_flatten_gives_dotted_plain_params():
+    flat = flatten(to_typed(compose_config(["lora.targets=all"])))
+    assert flat["lora.targets"] == "all"
+    assert flat["trainer.lr"] == 1e-4
+    assert all(not isinstance(v, dict) for v in flat.values())
+    assert set(UNET_TARGETS) == set(Targets)

@@ -1,0 +1,111 @@
+"""A variant end to end into MLflow, and every way it can end: ok, oom, nan, failed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from sdxl_ablate import runner
+from sdxl_ablate.config import to_typed
+
+from .conftest import ROOT, compose_config, tiny_overrides
+
+
+def runs_by_name(tmp_path, experiment: str) -> dict:
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name(experiment)
+    return {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}, client
+
+
+@pytest.mark.slow
+def test_sweep_runs_one_mlflow_run_per_variant_and_survives_a_bad_one(tmp_path):
+    """`python -m sdxl_ablate -m lora.targets=attn,all lora.rank=0,4`: two good, two invalid variants."""
+    args = [sys.executable, "-m", "sdxl_ablate", "-m", *tiny_overrides(tmp_path), "study=t",
+            "lora.targets=attn,all", "lora.rank=0,4"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs, client = runs_by_name(tmp_path, "t")
+    assert sorted(runs) == sorted(f"data=sample,eval=off,lora.rank={r},lora.targets={t},model=tiny,trainer.precision=fp32"
+                                  for r in (0, 4) for t in ("attn", "all"))
+    for name, run in runs.items():
+        if "lora.rank=0" in name:
+            assert run.data.tags["status"] == "failed"
+            assert "lora.rank=0" in run.data.tags["error"]
+            assert run.info.status == "FAILED"
+            continue
+        assert run.data.tags["status"] == "ok" and run.info.status == "FINISHED"
+        assert run.data.params["lora.rank"] == "4"
+        assert run.data.tags["lora.targets"] in ("attn", "all")
+        m = run.data.metrics
+        for key in ("train/loss", "train/lr", "train/final_loss", "memory/peak_rss_gib",
+                    "perf/step_time_s", "perf/images_per_s", "params/trainable"):
+            assert key in m, key
+        assert m["perf/images_per_s"] > 0 and 0 < m["memory/peak_rss_gib"] < 24
+        assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 3
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"config.yaml", "lora"} <= artifacts
+        assert [a.path for a in client.list_artifacts(run.info.run_id, "lora")] == ["lora/pytorch_lora_weights.safetensors"]
+    attn = next(r for n, r in runs.items() if "rank=4,lora.targets=attn" in n)
+    all_ = next(r for n, r in runs.items() if "rank=4,lora.targets=all" in n)
+    assert all_.data.metrics["params/trainable"] > attn.data.metrics["params/trainable"]
+
+
+def run_variant(tmp_path, *extra: str):
+    cfg = to_typed(compose_config(tiny_overrides(tmp_path, "study=unit", *extra)))
+    result = runner.run(cfg, "variant", tmp_path / "out")
+    runs, client = runs_by_name(tmp_path, "unit")
+    return result, runs["variant"], client
+
+
+def test_oom_ends_the_variant_with_status_oom_and_its_peak(tmp_path, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(runner, "train", out_of_memory)
+    result, run, _ = run_variant(tmp_path)
+    assert result is None
+    assert run.data.tags["status"] == "oom" and "Tried to allocate" in run.data.tags["error"]
+    assert run.info.status == "FAILED"
+    assert run.data.metrics["memory/peak_rss_gib"] > 0
+
+
+def test_non_finite_losses_in_a_row_end_the_run_with_status_nan(tmp_path, monkeypatch):
+    from sdxl_ablate import train as train_mod
+
+    monkeypatch.setattr(train_mod, "diffusion_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    result, run, _ = run_variant(tmp_path, "trainer.max_steps=10", "trainer.max_nonfinite_in_row=3")
+    assert result is None
+    assert run.data.tags["status"] == "nan"
+    assert run.data.metrics["train/nonfinite_steps"] == 3
+    assert "lora" not in {a.path for a in MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").list_artifacts(run.info.run_id)}
+
+
+def test_a_missing_data_folder_fails_the_variant_with_the_path_named(tmp_path):
+    result, run, client = run_variant(tmp_path, "data=folder", f"data.path={tmp_path}/no_such_dir")
+    assert result is None
+    assert run.data.tags["status"] == "failed"
+    assert "no_such_dir" in run.data.tags["error"]
+    assert "error.txt" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_an_unreachable_model_fails_the_variant_before_training(tmp_path):
+    result, run, _ = run_variant(tmp_path, "model=sdxl_base", "model.pretrained=nobody/no-such-model")
+    assert result is None
+    assert run.data.tags["status"] == "failed"
+    assert "nobody/no-such-model" in run.data.tags["error"]
+    assert "train/loss" not in run.data.metrics
+
+
+def test_the_run_logs_the_resolved_config(tmp_path):
+    result, run, client = run_variant(tmp_path, "lora.dropout=0.25", "trainer.max_steps=2")
+    assert result is not None and result > 0
+    assert run.data.params["lora.dropout"] == "0.25"
+    assert run.data.params["model.kind"] == "tiny"
+    local = client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))
+    assert "dropout: 0.25" in open(local).read()
