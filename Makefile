@@ -1,0 +1,50 @@
+# sdxl-ablate: every target installs what it needs into .venv first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: install test test-fast demo study mlflow-ui report plan bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## The whole test suite on the CPU (GPU tests are skipped without CUDA).
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+## The study's six variants on the tiny model and the sample data (CPU, offline), then its report.
+demo: install
+	$(BIN)/python -m sdxl_ablate -m sweep=naruto_study experiment=demo
+	$(BIN)/python -m sdxl_ablate.report --study demo
+
+## The real study: SDXL base on the Naruto dataset (needs the hub or local copies, and a GPU).
+study: install
+	$(BIN)/python -m sdxl_ablate -m sweep=naruto_study
+	$(BIN)/python -m sdxl_ablate.report --study naruto_study
+
+report: install
+	$(BIN)/python -m sdxl_ablate.report --study $(or $(STUDY),demo)
+
+## The MLflow UI over the same store, on http://127.0.0.1:5000
+mlflow-ui: install
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+## Dry run: parameter counts and the memory prediction, e.g. make plan ARGS="model=sdxl_random lora.targets=all"
+plan: install
+	$(BIN)/python -m sdxl_ablate.plan $(ARGS)
+
+## GPU benchmark on the full-size SDXL architecture (random weights); results as JSON under results/
+bench: install
+	$(BIN)/python -m sdxl_ablate.bench $(ARGS)
+
+clean:
+	rm -rf outputs multirun mlflow.db mlartifacts reports
