@@ -109,3 +109,34 @@ def test_the_run_logs_the_resolved_config(tmp_path):
     assert run.data.params["model.kind"] == "tiny"
     local = client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))
     assert "dropout: 0.25" in open(local).read()
+
+
+def test_unreadable_images_are_skipped_counted_and_logged(tmp_path):
+    from sdxl_ablate.data import make_sample_dataset
+
+    folder = make_sample_dataset(tmp_path / "imgs", n=6, size=64)
+    (folder / next(p.name for p in sorted(folder.glob("*.png")))).write_bytes(b"not a png at all")
+    result, run, client = run_variant(tmp_path, "data=folder", f"data.path={folder}", "data.heldout=1",
+                                      "data.resolution=64")
+    assert result is not None and run.data.tags["status"] == "ok"
+    assert run.data.metrics["data/skipped_images"] == 1
+    assert run.data.metrics["data/train_images"] == 4
+    local = client.download_artifacts(run.info.run_id, "data/skipped_images.txt", str(tmp_path))
+    assert ".png" in open(local).read()
+
+
+def test_a_skipped_non_finite_step_is_counted_and_training_goes_on(tmp_path, monkeypatch):
+    from sdxl_ablate import train as train_mod
+
+    real, calls = train_mod.diffusion_loss, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("inf") if len(calls) == 2 else loss
+
+    monkeypatch.setattr(train_mod, "diffusion_loss", flaky)
+    result, run, client = run_variant(tmp_path, "trainer.max_steps=4")
+    assert run.data.tags["status"] == "ok"
+    assert run.data.metrics["train/nonfinite_steps"] == 1
+    assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 3  # the skipped step logs no loss
