@@ -3,7 +3,9 @@
 The full-size SDXL is only ever built on the meta device here; everything else is the tiny model.
 """
 
+import os
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -42,15 +44,6 @@ def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
         assert torch.equal(sa[k], sb[k]), k
 
 
-@pytest.fixture(scope="module", autouse=True)
-def tokenizer_cache(tmp_path_factory):
-    """Derive the tokenizer files into a fresh cache, not the user's ~/.cache."""
-    root = tmp_path_factory.mktemp("cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SDXL_ABLATE_CACHE", str(root))
-        yield root
-
-
 @pytest.fixture(scope="module")
 def tiny() -> models.SDXLComponents:
     return build_tiny()
@@ -59,7 +52,7 @@ def tiny() -> models.SDXLComponents:
 # --- tokenizer -------------------------------------------------------------------------------
 
 
-def test_clip_tokenizer_ids_padding_and_cache(tokenizer_cache):
+def test_clip_tokenizer_ids_padding_and_cache():
     tok, tok2 = clip_tokenizer(), clip_tokenizer(pad_token="!")
     assert len(tok) == 49408 and tok.model_max_length == 77
     for t, pad_id in ((tok, 49407), (tok2, 0)):  # "!" is token 0
@@ -67,7 +60,7 @@ def test_clip_tokenizer_ids_padding_and_cache(tokenizer_cache):
         assert ids == CAT_IDS + [pad_id] * (77 - len(CAT_IDS))
     assert tok.pad_token == "<|endoftext|>" and tok2.pad_token == "!"
 
-    folder = tokenizer_cache / "clip_tokenizer"
+    folder = Path(os.environ["SDXL_ABLATE_CACHE"]) / "clip_tokenizer"  # tmp: see conftest.py
     # Exactly the two files: no temporary file is left behind.
     assert sorted(p.name for p in folder.iterdir()) == ["merges.txt", "vocab.json"]
     merges = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
