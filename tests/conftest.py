@@ -32,11 +32,11 @@ def compose_config(overrides: list[str], return_hydra_config: bool = False):
         return compose("config", overrides=overrides, return_hydra_config=return_hydra_config)
 
 
-def tiny_overrides(tmp_path: Path, *extra: str) -> list[str]:
+def tiny_overrides(tmp_path: Path, *extra: str, precision: str | None = "fp32") -> list[str]:
     """A tiny, fast, offline variant tracked in a tmp MLflow store."""
     return [
-        "model=tiny", "data=sample", "eval=off", "device=cpu",
-        "trainer.max_steps=3", "trainer.precision=fp32",
+        "model=tiny", "data=sample", "eval=off", "device=cpu", "trainer.max_steps=3",
+        *([f"trainer.precision={precision}"] if precision else []),
         f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"tracking.artifact_root={tmp_path}/artifacts",
         *extra,
     ]
