@@ -11,7 +11,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from .config import ConfigError, TrackingConfig, register_configs, to_typed
-from .tracking import Tracker
+from .tracking import Tracker, resolve_uri
 
 log = logging.getLogger("sdxl_ablate")
 register_configs()
@@ -41,15 +41,9 @@ def main(dcfg: DictConfig) -> float | None:
 
     result = run(cfg, run_name(), Path(hc.runtime.output_dir))
     if hc.mode != RunMode.MULTIRUN:
-        print(f"\nResults: MLflow experiment '{cfg.tracking.experiment or cfg.study}' at {_uri(cfg)}; "
-              f"files in {hc.runtime.output_dir}")
+        print(f"\nResults: MLflow experiment '{cfg.tracking.experiment or cfg.study}' at "
+              f"{resolve_uri(cfg.tracking)}; files in {hc.runtime.output_dir}")
     return result
-
-
-def _uri(cfg) -> str:
-    from .tracking import resolve_uri
-
-    return resolve_uri(cfg.tracking)
 
 
 if __name__ == "__main__":
