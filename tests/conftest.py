@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
@@ -14,6 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
 register_configs()
+# Tiny models: one thread per op is fastest and immune to a busy machine (see Makefile).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
