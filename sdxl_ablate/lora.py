@@ -110,8 +110,9 @@ def _load_problems(saved: dict[str, torch.Tensor], loaded: dict[str, torch.Tenso
     initialised adapter tensor in place under the right name, with only a warning."""
     missing = sorted(saved.keys() - loaded.keys())
     unexpected = sorted(loaded.keys() - saved.keys())
+    # Compared in the model's dtype: a bf16 or fp16 pipeline holds the fp32 file rounded.
     differ = sorted(k for k in saved.keys() & loaded.keys()
-                    if not torch.equal(saved[k], loaded[k].detach().to("cpu", saved[k].dtype)))
+                    if not torch.equal(saved[k].to(loaded[k].dtype), loaded[k].detach().cpu()))
     parts = [f"{len(v)} {what} (e.g. {v[:2]})" for what, v in
              (("saved tensors missing", missing), ("adapter tensors not in the file", unexpected),
               ("tensors with other values than saved", differ)) if v]

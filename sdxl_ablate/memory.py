@@ -38,6 +38,12 @@ class MemoryGuard:
     device: torch.device
     enforce: bool = True
 
+    def __post_init__(self) -> None:
+        # torch.device("cuda") names no GPU; the per-process cap needs the index.
+        self.device = torch.device(self.device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+
     @property
     def cuda(self) -> bool:
         return self.device.type == "cuda"
@@ -94,3 +100,105 @@ def peak_rss_bytes() -> int:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# --- fp8 storage of the frozen base weights (trainer.base_weights=fp8) ----------------------
+#
+# The frozen UNet weights are half of a LoRA step's memory at 1024 px. Stored as float8 (e4m3)
+# with one scale per output channel they take half the bytes of bf16; each layer dequantizes
+# its weight to the compute dtype just for its own matmul (a transient of one layer's size),
+# and a custom autograd function keeps autograd from saving that bf16 copy for the backward
+# (it dequantizes again there). The matmuls themselves stay in the compute dtype, so only the
+# frozen weights' rounding changes (about 2 significant bits less than bf16), not the LoRA math.
+
+FP8 = torch.float8_e4m3fn
+_FP8_MAX = torch.finfo(FP8).max  # 448
+
+
+def _quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (fp8 weight, fp32 scale per output channel) with weight ~= fp8 * scale."""
+    w = weight.detach().float()
+    amax = w.flatten(1).abs().amax(dim=1).clamp(min=1e-12)
+    scale = (amax / _FP8_MAX).view(-1, *([1] * (w.dim() - 1)))
+    return (w / scale).to(FP8), scale
+
+
+class _Fp8Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w8, scale, bias, dtype):
+        w = w8.to(dtype) * scale.to(dtype)
+        ctx.save_for_backward(w8, scale)
+        ctx.dtype, ctx.x_dtype = dtype, x.dtype
+        return torch.nn.functional.linear(x.to(dtype), w, None if bias is None else bias.to(dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        w8, scale = ctx.saved_tensors
+        w = w8.to(ctx.dtype) * scale.to(ctx.dtype)
+        return (grad.to(ctx.dtype) @ w).to(ctx.x_dtype), None, None, None, None
+
+
+class _Fp8Conv2d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w8, scale, bias, dtype, stride, padding, dilation, groups):
+        w = w8.to(dtype) * scale.to(dtype)
+        ctx.save_for_backward(w8, scale)
+        ctx.conf = (dtype, x.dtype, x.shape, stride, padding, dilation, groups)
+        b = None if bias is None else bias.to(dtype)
+        return torch.nn.functional.conv2d(x.to(dtype), w, b, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        w8, scale = ctx.saved_tensors
+        dtype, x_dtype, x_shape, stride, padding, dilation, groups = ctx.conf
+        w = w8.to(dtype) * scale.to(dtype)
+        gx = torch.nn.grad.conv2d_input(x_shape, w, grad.to(dtype), stride, padding, dilation, groups)
+        return gx.to(x_dtype), None, None, None, None, None, None, None, None
+
+
+class Fp8Linear(torch.nn.Linear):
+    """A frozen nn.Linear whose weight is stored in fp8 (see above). Still an nn.Linear, so
+    peft wraps it like any other layer."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.compute_dtype
+        if x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+        return _Fp8Linear.apply(x, self.weight, self.weight_scale, self.bias, dtype)
+
+
+class Fp8Conv2d(torch.nn.Conv2d):
+    """A frozen nn.Conv2d whose weight is stored in fp8 (see above)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padding_mode != "zeros":
+            raise NotImplementedError("fp8 base weights support zero-padded convolutions only")
+        dtype = self.compute_dtype
+        if x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+        return _Fp8Conv2d.apply(x, self.weight, self.weight_scale, self.bias, dtype,
+                                self.stride, self.padding, self.dilation, self.groups)
+
+
+def store_base_weights_fp8(module: torch.nn.Module, compute_dtype: torch.dtype, min_params: int = 4096) -> int:
+    """Turns every frozen Linear/Conv2d of `module` (LoRA base layers included, LoRA weights
+    never) into its fp8-storage twin, in place; returns the number of weights converted.
+    Layers under `min_params` weights (e.g. the 4-channel conv_in) stay as they are."""
+    converted = 0
+    for m in module.modules():
+        if type(m) not in (torch.nn.Linear, torch.nn.Conv2d) or m.weight.requires_grad:
+            continue
+        if m.weight.numel() < min_params or _is_lora_weight(m):
+            continue
+        w8, scale = _quantize(m.weight)
+        m.__class__ = Fp8Linear if isinstance(m, torch.nn.Linear) else Fp8Conv2d
+        m.weight = torch.nn.Parameter(w8, requires_grad=False)
+        m.register_buffer("weight_scale", scale, persistent=False)
+        m.compute_dtype = compute_dtype
+        converted += w8.numel()
+    return converted
+
+
+def _is_lora_weight(m: torch.nn.Module) -> bool:
+    # peft's lora_A / lora_B are plain Linear/Conv2d layers inside ModuleDicts; they train.
+    return any(p.requires_grad for p in m.parameters())

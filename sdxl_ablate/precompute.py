@@ -7,6 +7,7 @@ a cached run sees the same distribution as a live one: the cache keeps the VAE p
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -34,7 +35,9 @@ def cache_root() -> Path:
 def encode_images(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Pixels in [-1, 1] -> the VAE posterior's (mean, std), unscaled, in fp32."""
     # The VAE runs in its own dtype (fp32 unless fp16-safe), never in the autocast dtype.
-    with torch.autocast(pixels.device.type, enabled=False):
+    # (The dry run's meta tensors have no autocast to turn off.)
+    no_autocast = contextlib.nullcontext() if pixels.is_meta else torch.autocast(pixels.device.type, enabled=False)
+    with no_autocast:
         dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
     return dist.mean.float(), dist.std.float()
 
@@ -105,8 +108,11 @@ def cache_key(cfg: Config, examples: list[Example], with_prompts: bool, dtype: t
 
 
 def build_cache(cfg: Config, components, examples: list[Example], with_prompts: bool,
-                embed_dtype: torch.dtype, cache_dir: Path | None = None, batch_size: int = 8) -> LatentCache:
+                embed_dtype: torch.dtype, cache_dir: Path | None = None, batch_size: int | None = None) -> LatentCache:
     """Encodes the examples once; reuses this process's or the disk's copy when it matches."""
+    # The fp32 VAE encoder holds ~0.5 GiB per 1024 px image in flight: 8 images at 512 px,
+    # 2 at 1024 px stay well inside a 16 GiB card beside the UNet.
+    batch_size = batch_size or max(1, 8 * 512**2 // cfg.data.resolution**2)
     key = cache_key(cfg, examples, with_prompts, embed_dtype)
     if key in _MEMORY:
         return _MEMORY[key]

@@ -1,11 +1,14 @@
 """The training loop shared by every variant: SDXL's LoRA objective, nothing variant-specific.
 
-Read `train` top to bottom: setup (precision, adapters, optimizer), inputs (cached or
-live), then the loop. A variant differs only through its config.
+Read `train` top to bottom: setup (`prepare_model`: precision, adapters, the speed and memory
+switches; the optimizer), inputs (cached or live), then the loop. A variant differs only
+through its config. The benchmark (`sdxl_ablate.bench`) drives this same function, so what it
+measures is what users run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -13,7 +16,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, ContextManager, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -21,9 +24,10 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import compute_snr
 from tqdm.auto import tqdm
 
-from .config import Config, Optimizer, Precision
+from .config import BaseWeights, Config, Optimizer, Precision
 from .data import ImageTransform, LoadedData, pick_caption
 from .lora import add_adapters
+from .memory import store_base_weights_fp8
 from .precompute import build_cache, encode_images, encode_prompts, prepare_example, sample_latents
 
 log = logging.getLogger(__name__)
@@ -57,6 +61,16 @@ class TrainResult:
         return self.images_per_step / self.step_time
 
 
+@dataclass
+class Hooks:
+    """Where an observer (the benchmark) may look in without a copy of the loop: `loop_start`
+    runs once the model and inputs are ready, just before the first step; `step(i)` is a
+    context manager around optimizer step i (e.g. a profiler)."""
+
+    loop_start: Callable[[], None] = lambda: None
+    step: Callable[[int], ContextManager] = lambda i: contextlib.nullcontext()
+
+
 def total_steps(cfg: Config, n_images: int) -> int:
     t = cfg.trainer
     if t.epochs is None:
@@ -79,17 +93,92 @@ def make_optimizer(params, cfg: Config, device: torch.device) -> torch.optim.Opt
     return Prodigy(params, lr=t.lr, weight_decay=t.weight_decay, safeguard_warmup=True, use_bias_correction=True)
 
 
+# The blocks compiled one by one (trainer.compile): they hold nearly all of the arithmetic and
+# of the small kernels, and they repeat (70 transformer blocks of 2 shapes), so a few compiled
+# graphs serve the whole UNet. Compiling the UNet whole takes minutes; per block, about one.
+_COMPILED_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")
+
+
+def compile_blocks(unet: torch.nn.Module) -> int:
+    """torch.compile every transformer and resnet block of the UNet in place; returns how many."""
+    import torch._dynamo
+
+    # One graph per distinct block shape (and per batch size): SDXL has about 20; the default
+    # recompile limit (8) would leave the rest eager.
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
+    torch._dynamo.config.accumulated_cache_size_limit = max(
+        torch._dynamo.config.accumulated_cache_size_limit, 4096)
+    n = 0
+    for m in unet.modules():
+        if type(m).__name__ in _COMPILED_BLOCKS:
+            m.compile(dynamic=False)  # fixed shapes: a batch size is one compile, then reused
+            n += 1
+    return n
+
+
+def uncompile_blocks(unet: torch.nn.Module) -> None:
+    """Back to eager modules (evaluation runs other shapes; no reason to compile those)."""
+    for m in unet.modules():
+        if getattr(m, "_compiled_call_impl", None) is not None:
+            m._compiled_call_impl = None
+
+
+def prepare_model(c, cfg: Config, device: torch.device) -> list[torch.nn.Parameter]:
+    """Places the components, attaches the variant's adapters and applies the speed and memory
+    switches of `cfg.trainer`; returns the trainable (LoRA) parameters."""
+    t, lo = cfg.trainer, cfg.lora
+    dtype = DTYPES[t.precision]
+    # Frozen weights in the compute dtype; the trainable LoRA weights stay fp32 (the optimizer
+    # and the fp16 loss scaler need fp32 master weights).
+    c.unet.to(device, dtype)
+    # fp32 VAE: the SDXL VAE overflows in fp16, unless it is an fp16-safe VAE.
+    c.vae.to(device, dtype if cfg.model.vae_fp16_safe else torch.float32)
+    c.text_encoder.to(device, dtype)
+    c.text_encoder_2.to(device, dtype)
+    params = add_adapters(c, lo)
+    for p in params:
+        p.data = p.data.float()
+    if t.base_weights == BaseWeights.fp8:
+        # Half the bytes of the frozen UNet; the matmuls still run in the compute dtype.
+        store_base_weights_fp8(c.unet, dtype)
+    if t.gradient_checkpointing:
+        # Keep only each block's input in the forward and recompute the block in the backward:
+        # about one forward more arithmetic for a fraction of the activation memory.
+        c.unet.enable_gradient_checkpointing()
+        if lo.text_encoder:
+            c.text_encoder.gradient_checkpointing_enable()
+            c.text_encoder_2.gradient_checkpointing_enable()
+    if t.channels_last:
+        # cuDNN's fastest bf16 convolutions want NHWC; the UNet's activations follow its weights.
+        c.unet.to(memory_format=torch.channels_last)
+    c.unet.train()
+    for enc in (c.text_encoder, c.text_encoder_2):
+        enc.train(lo.text_encoder)
+    if t.compile:
+        compile_blocks(c.unet)
+    return params
+
+
+def draw_noise(latents: torch.Tensor, n_timesteps: int, noise_offset: float, generator):
+    """The step's randomness, drawn before the model runs: noise and timesteps per image."""
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    if noise_offset:
+        # Offset noise: a per-channel shift lets the model learn overall brightness.
+        noise = noise + noise_offset * torch.randn(
+            (*latents.shape[:2], 1, 1), generator=generator, device=latents.device, dtype=latents.dtype)
+    steps = torch.randint(0, n_timesteps, (latents.shape[0],), generator=generator, device=latents.device)
+    return noise, steps
+
+
 def diffusion_loss(unet, scheduler, latents, embeds, pooled, time_ids, cfg: Config, generator) -> torch.Tensor:
     """SDXL's denoising objective at random timesteps: epsilon or v, as the scheduler says."""
     t = cfg.trainer
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-    if t.noise_offset:
-        # Offset noise: a per-channel shift lets the model learn overall brightness.
-        noise = noise + t.noise_offset * torch.randn(
-            (*latents.shape[:2], 1, 1), generator=generator, device=latents.device, dtype=latents.dtype)
-    steps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
-                          generator=generator, device=latents.device)
+    noise, steps = draw_noise(latents, scheduler.config.num_train_timesteps, t.noise_offset, generator)
     noisy = scheduler.add_noise(latents, noise, steps)
+    if t.channels_last:
+        noisy = noisy.contiguous(memory_format=torch.channels_last)
     pred = unet(noisy, steps, embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
     prediction = scheduler.config.prediction_type
     if prediction == "epsilon":
@@ -121,41 +210,20 @@ def batches(n: int, batch_size: int, rng: random.Random) -> Iterator[list[int]]:
 
 def train(components, data: LoadedData, cfg: Config, device: torch.device,
           log_metrics: Callable[[dict[str, float], int], None] = lambda m, s: None,
-          memory_stats: Callable[[], dict[str, float]] = dict) -> TrainResult:
+          memory_stats: Callable[[], dict[str, float]] = dict,
+          hooks: Hooks | None = None) -> TrainResult:
     t, lo = cfg.trainer, cfg.lora
+    hooks = hooks or Hooks()
     torch.manual_seed(t.seed)
     rng = random.Random(t.seed)
     generator = torch.Generator(device).manual_seed(t.seed)
     dtype = DTYPES[t.precision]
     c = components
 
-    # --- precision and placement -------------------------------------------------------
-    # Frozen weights in the compute dtype; the trainable LoRA weights stay fp32 (the optimizer
-    # and the fp16 loss scaler need fp32 master weights).
-    c.unet.to(device, dtype)
-    # fp32 VAE: the SDXL VAE overflows in fp16, unless it is an fp16-safe VAE.
-    vae_dtype = dtype if cfg.model.vae_fp16_safe else torch.float32
-    c.vae.to(device, vae_dtype)
-    c.text_encoder.to(device, dtype)
-    c.text_encoder_2.to(device, dtype)
-    params = add_adapters(c, lo)
-    for p in params:
-        p.data = p.data.float()
+    # --- model: precision, placement, adapters, speed and memory switches --------------------
+    params = prepare_model(c, cfg, device)
     log_metrics({"params/trainable": sum(p.numel() for p in params),
                  "params/unet_total": sum(p.numel() for p in c.unet.parameters())}, 0)
-    if t.gradient_checkpointing:
-        c.unet.enable_gradient_checkpointing()
-        if lo.text_encoder:
-            c.text_encoder.gradient_checkpointing_enable()
-            c.text_encoder_2.gradient_checkpointing_enable()
-    if t.channels_last:
-        c.unet.to(memory_format=torch.channels_last)
-    c.unet.train()
-    for enc in (c.text_encoder, c.text_encoder_2):
-        enc.train(lo.text_encoder)
-    if t.compile:
-        c.unet.compile()
-
     steps = total_steps(cfg, len(data.train))
     optimizer = make_optimizer(params, cfg, device)
     lr_schedule = get_scheduler(t.lr_scheduler.value, optimizer, num_warmup_steps=t.warmup_steps,
@@ -174,6 +242,8 @@ def train(components, data: LoadedData, cfg: Config, device: torch.device,
         if not lo.text_encoder:
             c.text_encoder.to("cpu")
             c.text_encoder_2.to("cpu")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # and their memory goes back to the budget, not the cache
     transform = ImageTransform(cfg.data.resolution, cfg.data.crop, cfg.data.flip)
 
     def next_inputs(indices: list[int]):
@@ -200,23 +270,37 @@ def train(components, data: LoadedData, cfg: Config, device: torch.device,
     result = TrainResult(status="ok", images_per_step=t.batch_size * t.grad_accum)
     order = batches(len(data.train), t.batch_size, rng)
     nonfinite_in_row = 0
+    hooks.loop_start()
     bar = tqdm(range(steps), desc=f"train {cfg.lora.targets.value}", unit="step", dynamic_ncols=True)
     for step in bar:
-        started = time.perf_counter()
-        step_loss, finite = 0.0, True
-        for _ in range(t.grad_accum):
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                latents, embeds, pooled, time_ids = next_inputs(next(order))
-                loss = diffusion_loss(c.unet, c.noise_scheduler, latents, embeds, pooled, time_ids, cfg, generator)
-            if not torch.isfinite(loss):
-                finite = False
-                break
-            scaler.scale(loss / t.grad_accum).backward()
-            step_loss += loss.item() / t.grad_accum
+        with hooks.step(step):
+            started = time.perf_counter()
+            step_loss, finite = 0.0, True
+            for _ in range(t.grad_accum):
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                    latents, embeds, pooled, time_ids = next_inputs(next(order))
+                    loss = diffusion_loss(c.unet, c.noise_scheduler, latents, embeds, pooled, time_ids, cfg,
+                                          generator)
+                if not torch.isfinite(loss):
+                    finite = False
+                    break
+                scaler.scale(loss / t.grad_accum).backward()
+                step_loss += loss.item() / t.grad_accum
+
+            if finite:
+                if t.max_grad_norm is not None:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                lr_schedule.step()
+            # Also after a skipped step: no update from a batch whose loss is NaN or inf.
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # honest step times: wait for the GPU
+            elapsed = time.perf_counter() - started
 
         if not finite:
-            # Skip the whole step: no update from a batch whose loss is NaN or inf.
-            optimizer.zero_grad(set_to_none=True)
             result.nonfinite_steps += 1
             nonfinite_in_row += 1
             result.losses.append(float("nan"))
@@ -226,17 +310,7 @@ def train(components, data: LoadedData, cfg: Config, device: torch.device,
                 break
             continue
         nonfinite_in_row = 0
-
-        if t.max_grad_norm is not None:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        lr_schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # honest step times: wait for the GPU
-        result.step_times.append(time.perf_counter() - started)
+        result.step_times.append(elapsed)
         result.losses.append(step_loss)
         result.steps = step + 1
 
@@ -246,4 +320,6 @@ def train(components, data: LoadedData, cfg: Config, device: torch.device,
             bar.set_postfix(loss=f"{step_loss:.4f}")
     bar.close()
     result.steps = len(result.losses)
+    if t.compile:
+        uncompile_blocks(c.unet)
     return result
