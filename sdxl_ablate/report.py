@@ -344,10 +344,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ReportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    log_report(uri, args.study, out, {"sort_by": args.sort_by or "default", "ascending": "auto" if args.ascending is None else args.ascending,
+    direction = "auto" if args.ascending is None else args.ascending
+    log_report(uri, args.study, out, {"sort_by": args.sort_by or "default", "ascending": direction,
                                       "variants": len(records)})
     print(table)
-    print(out.resolve())
+    print(f"\nReport: {out.resolve()}\nRuns: MLflow experiment '{args.study}' at {uri} (make mlflow-ui to browse)")
     return 0
 
 

@@ -136,7 +136,7 @@ def test_report_of_a_finished_study(study, tmp_path, capsys):
     assert Image.open(out / "grids.png").size == (120, 24 + 60)
     printed = capsys.readouterr().out
     assert "| run | status |" in printed
-    assert printed.strip().endswith(str(out.resolve()))
+    assert f"Report: {out.resolve()}" in printed and "Runs: MLflow experiment" in printed
 
     reports = report_runs(client)
     assert len(reports) == before + 1 and reports[0].info.run_name == "report"
