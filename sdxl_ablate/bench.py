@@ -46,58 +46,66 @@ class Bench:
 
 
 # Every configuration runs with model=sdxl_random and the resolution given on the command
-# line; `{fast_batch}` is the batch that fills the 16 GiB budget at that resolution.
+# line; `{batch}` is the batch that fills the 16 GiB budget at that resolution (FAST_BATCH).
 COMMON = ("model=sdxl_random", "eval.enabled=false", "trainer.save_lora=false", "memory=t4_16gb")
-# The trainer's defaults (conf/trainer/default.yaml) are the fast, lean settings; these
-# configurations spell out what they change, so a default's later change cannot move them.
-FAST = ("trainer.precision=bf16", "trainer.cache_latents=true", "trainer.gradient_checkpointing=true",
-        "trainer.compile=true", "trainer.channels_last=true", "trainer.optimizer=adamw",
-        "trainer.base_weights=compute")
-PLAIN = ("trainer.precision=bf16", "trainer.cache_latents=true", "trainer.gradient_checkpointing=true",
-         "trainer.compile=false", "trainer.channels_last=false", "trainer.optimizer=adamw",
-         "trainer.base_weights=compute", "trainer.batch_size=1")
+# Each configuration spells out every switch, so a later change of the trainer's defaults
+# cannot move its numbers.
+_EAGER = ("trainer.precision=bf16", "trainer.cache_latents=true", "trainer.gradient_checkpointing=true",
+          "trainer.compile=false", "trainer.channels_last=false", "trainer.cuda_graphs=false",
+          "trainer.optimizer=adamw", "trainer.base_weights=compute")
+PLAIN = (*_EAGER, "trainer.batch_size=1")
+GRAPHS = (*_EAGER, "trainer.cuda_graphs=true")
+FAST = (*GRAPHS, "trainer.compile=true", "trainer.channels_last=true", "trainer.batch_size={batch}")
 
 CONFIGS: dict[str, Bench] = {
     "reference": Bench(
         "common recipe: fp16 UNet, fp32 VAE + both text encoders run every step, gradient "
         "checkpointing, 8-bit AdamW, batch 1",
         ("trainer.precision=fp16", "trainer.cache_latents=false", "trainer.gradient_checkpointing=true",
-         "trainer.compile=false", "trainer.channels_last=false", "trainer.optimizer=adamw8bit",
-         "trainer.base_weights=compute", "trainer.batch_size=1")),
-    "plain": Bench("latents + prompts precomputed, bf16, checkpointing, fused AdamW, batch 1, eager", PLAIN),
-    "lean": Bench("batch 1, bf16 base weights, precomputed, checkpointing, 8-bit AdamW",
-                  (*PLAIN, "trainer.optimizer=adamw8bit")),
-    "lean_fp8": Bench("batch 1, fp8 base weights, precomputed, checkpointing, 8-bit AdamW",
-                      (*PLAIN, "trainer.optimizer=adamw8bit", "trainer.base_weights=fp8")),
-    "eager_batch": Bench("precomputed, bf16, checkpointing, fused AdamW, the budget's batch, eager",
-                         (*PLAIN, "trainer.batch_size={fast_batch}")),
-    "fast": Bench("precomputed, bf16, checkpointing, per-block torch.compile, channels-last, fused AdamW, "
-                  "the budget's batch", (*FAST, "trainer.batch_size={fast_batch}")),
-    # Measured, not targeted: each changes one thing of `fast`.
-    "fast_all": Bench("fast, LoRA on attention + conv + feed-forward (targets=all)",
-                      (*FAST, "trainer.batch_size={fast_batch}", "lora.targets=all"), True),
-    "fast_te": Bench("fast, LoRA on both text encoders too (they run every step)",
-                     (*FAST, "trainer.batch_size={fast_batch}", "lora.text_encoder=true"), True),
-    "fast_dora": Bench("fast, DoRA on attention", (*FAST, "trainer.batch_size={fast_batch}", "lora.use_dora=true"),
-                       True),
-    "fast_dropout": Bench("fast, LoRA dropout 0.5", (*FAST, "trainer.batch_size={fast_batch}", "lora.dropout=0.5"),
-                          True),
-    "fast_fp16": Bench("fast, fp16 with loss scaling (GPUs without bf16, e.g. a T4)",
-                       (*FAST, "trainer.batch_size={fast_batch}", "trainer.precision=fp16"), True),
-    "fast_adamw8bit": Bench("fast, 8-bit AdamW instead of fused AdamW",
-                            (*FAST, "trainer.batch_size={fast_batch}", "trainer.optimizer=adamw8bit"), True),
-    "fast_fp8": Bench("fast, fp8 base weights",
-                      (*FAST, "trainer.batch_size={fast_batch}", "trainer.base_weights=fp8"), True),
+         "trainer.compile=false", "trainer.channels_last=false", "trainer.cuda_graphs=false",
+         "trainer.optimizer=adamw8bit", "trainer.base_weights=compute", "trainer.batch_size=1")),
+    "plain": Bench("precomputed latents + prompts, bf16, checkpointing, fused AdamW, batch 1, eager", PLAIN),
+    "lean_eager": Bench("batch 1, bf16 base weights, precomputed, checkpointing, 8-bit AdamW, eager "
+                        "(no CUDA graph pool: the smallest footprint)", (*PLAIN, "trainer.optimizer=adamw8bit")),
+    "lean": Bench("batch 1, bf16 base weights, precomputed, checkpointing, 8-bit AdamW, CUDA graphs",
+                  (*GRAPHS, "trainer.batch_size=1", "trainer.optimizer=adamw8bit")),
+    "lean_fp8": Bench("batch 1, fp8 base weights, precomputed, checkpointing, 8-bit AdamW, CUDA graphs",
+                      (*GRAPHS, "trainer.batch_size=1", "trainer.optimizer=adamw8bit", "trainer.base_weights=fp8")),
+    "batch": Bench("precomputed, bf16, checkpointing, fused AdamW, the budget's batch, eager",
+                   (*_EAGER, "trainer.batch_size={batch}")),
+    "batch_graphs": Bench("batch, plus CUDA graphs", (*GRAPHS, "trainer.batch_size={batch}")),
+    "fast": Bench("batch_graphs, plus per-block torch.compile and channels-last", FAST),
+    # Measured, not targeted: each changes one thing of `batch_graphs` (eager: no compile per variant).
+    "all": Bench("batch_graphs, LoRA on attention + conv + feed-forward (targets=all)",
+                 (*GRAPHS, "trainer.batch_size={batch}", "lora.targets=all"), True),
+    "te": Bench("batch_graphs, LoRA on both text encoders too (they run every step; no CUDA graphs)",
+                (*GRAPHS, "trainer.batch_size={batch}", "lora.text_encoder=true"), True),
+    "dora": Bench("batch_graphs, DoRA on attention", (*GRAPHS, "trainer.batch_size={batch}", "lora.use_dora=true"),
+                  True),
+    "dropout": Bench("batch_graphs, LoRA dropout 0.5 (no CUDA graphs with checkpointing)",
+                     (*GRAPHS, "trainer.batch_size={batch}", "lora.dropout=0.5"), True),
+    "fp16": Bench("batch_graphs in fp16 with loss scaling (GPUs without bf16, e.g. a T4)",
+                  (*GRAPHS, "trainer.batch_size={batch}", "trainer.precision=fp16"), True),
+    "adamw8bit": Bench("batch_graphs with 8-bit AdamW instead of fused AdamW",
+                       (*GRAPHS, "trainer.batch_size={batch}", "trainer.optimizer=adamw8bit"), True),
+    "fp8": Bench("batch_graphs with fp8 base weights", (*GRAPHS, "trainer.batch_size={batch}",
+                                                         "trainer.base_weights=fp8"), True),
 }
 DEFAULT_SET = tuple(CONFIGS)
 # The largest batch under the 16 GiB cap with checkpointing (from the dry run, checked on an H100).
-FAST_BATCH = {512: 32, 768: 16, 1024: 8}
+FAST_BATCH = {512: 16, 768: 12, 1024: 8}
 
 
 def overrides_for(name: str, resolution: int, extra: tuple[str, ...] = ()) -> list[str]:
+    """The configuration's Hydra overrides at this resolution; a later value of a key wins."""
     batch = FAST_BATCH.get(resolution, max(1, 8 * 1024**2 // resolution**2))
-    own = [o.replace("{fast_batch}", str(batch)) for o in CONFIGS[name].overrides]
-    return [*COMMON, f"data.resolution={resolution}", *own, *extra]
+    own = [o.replace("{batch}", str(batch)) for o in CONFIGS[name].overrides]
+    merged: dict[str, str] = {}
+    for o in [*COMMON, f"data.resolution={resolution}", *own, *extra]:
+        key = o.split("=", 1)[0]
+        merged.pop(key, None)
+        merged[key] = o
+    return list(merged.values())
 
 
 # --- measuring ------------------------------------------------------------------------------
@@ -139,6 +147,7 @@ class _Profiled:
         self.step = step
         self.kernels = None
         self.busy_s = None
+        self.top: list[dict] = []
 
     def __call__(self, i: int):
         if i != self.step:
@@ -155,6 +164,15 @@ class _Profiled:
         kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
         self.kernels = len(kernels)
         self.busy_s = sum(e.time_range.elapsed_us() for e in kernels) / 1e6
+        # Where the GPU time goes: kernel families (name up to its template arguments), summed.
+        families: dict[str, list] = {}
+        for e in kernels:
+            key = e.name.split("<")[0].split("(")[0][:80]
+            families.setdefault(key, [0, 0.0])
+            families[key][0] += 1
+            families[key][1] += e.time_range.elapsed_us() / 1e6
+        top = sorted(families.items(), key=lambda kv: -kv[1][1])[:25]
+        self.top = [{"kernel": k, "count": n, "seconds": round(t, 5)} for k, (n, t) in top]
 
 
 def predict(overrides: list[str]) -> dict:
@@ -214,8 +232,9 @@ def run_one(name: str, overrides: list[str], device, warmup: int, steps: int) ->
                       step_times_s=[round(x, 4) for x in timed],
                       images_per_s=t.batch_size * t.grad_accum / step_time,
                       kernels_per_step=profiled.kernels, gpu_busy_s=profiled.busy_s,
+                      top_kernels=profiled.top,
                       first_step_s=result.step_times[0] if result.step_times else None,
-                      losses=[round(x, 5) for x in result.losses])
+                      losses=[round(x, 5) for x in result.losses], cuda_graphs_used=result.cuda_graphs)
     except Exception as err:  # noqa: BLE001 - one configuration failing must not stop the others
         record.update(status="oom" if is_oom(err) else "failed", error=f"{type(err).__name__}: {err}"[:2000])
         if not is_oom(err):
@@ -242,7 +261,7 @@ def describe(name: str, overrides: list[str]) -> dict:
                     "dropout": lo.dropout, "rank": lo.rank},
         "precision": t.precision.value, "base_weights": t.base_weights.value, "optimizer": t.optimizer.value,
         "gradient_checkpointing": t.gradient_checkpointing, "compile": t.compile,
-        "channels_last": t.channels_last, "cache_latents": t.cache_latents,
+        "channels_last": t.channels_last, "cache_latents": t.cache_latents, "cuda_graphs": t.cuda_graphs,
     }
 
 
@@ -287,6 +306,42 @@ def table(records: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def predict_into(path: Path) -> int:
+    """Fills in the dry run's numbers for every record of a results file, on this machine's CPU
+    (the plan is deterministic: it need not run beside the GPU, where it would compete with the
+    benchmark for the host)."""
+    import multiprocessing
+
+    from .plan import predict_reserved_gib
+
+    doc = json.loads(path.read_text())
+    records = doc["records"]
+    if all("sim_static_gib" in r for r in records):
+        # Simulated already: only the allocator model's coefficients may have changed.
+        for r in records:
+            r["predicted_peak_reserved_gib"] = predict_reserved_gib(
+                r["sim_static_gib"], r["sim_step_peak_gib"], r["base_weights"] == "fp8")
+            finish(r, {k: r[k] for k in ("flops", "model_flops", "predicted_peak_reserved_gib")},
+                   doc.get("bf16_matmul_tflops"))
+        add_ratios(records)
+        path.write_text(json.dumps(doc, indent=1))
+        print(table(records))
+        return 0
+    with ProcessPoolExecutor(max_workers=max(1, min(4, (os.cpu_count() or 2) // 2)),
+                             mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(predict, [*COMMON, f"data.resolution={r['resolution']}", *r["overrides"]])
+                   for r in records]
+        for record, future in zip(records, futures):
+            try:
+                finish(record, future.result(), doc.get("bf16_matmul_tflops"))
+            except Exception as err:  # noqa: BLE001
+                record["prediction_error_message"] = f"{type(err).__name__}: {err}"
+    add_ratios(records)
+    path.write_text(json.dumps(doc, indent=1))
+    print(table(records))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sdxl_ablate.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--resolution", type=int, default=1024)
@@ -297,9 +352,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-predict", action="store_true", help="skip the dry run's prediction and FLOPs")
     parser.add_argument("--list", action="store_true", help="print the configurations and exit")
     parser.add_argument("--device", default="cuda", help="cuda (cpu only for the smoke test, with model=tiny)")
+    parser.add_argument("--sdpa", choices=("default", "cudnn"), default="default",
+                        help="cudnn: prefer cuDNN's fused attention over flash attention (experiment)")
+    parser.add_argument("--predict-only", metavar="JSON", default=None,
+                        help="add the dry run's predictions and FLOPs to a results file (CPU; no GPU needed)")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides applied to every configuration")
     args = parser.parse_args(argv)
     names = [n for n in args.configs.split(",") if n]
+    if args.predict_only:
+        return predict_into(Path(args.predict_only))
     if args.list:
         for n, b in CONFIGS.items():
             print(f"{n:16s} {b.description}\n{'':16s} {' '.join(overrides_for(n, args.resolution))}")
@@ -319,6 +380,12 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     configure_allocator(True)  # before the first CUDA allocation (memory.expandable_segments)
+    if args.sdpa == "cudnn":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                 SDPBackend.MATH]
+        sdpa_kernel(order, set_priority=True).__enter__()  # for the whole process
     out = Path(args.out or f"results/bench_{args.resolution}px.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     all_overrides = {n: overrides_for(n, args.resolution, tuple(args.overrides)) for n in names}
@@ -337,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "python": platform.python_version(), "bf16_matmul_tflops": matmul,
-        "warmup_steps": args.warmup, "timed_steps": args.steps,
+        "warmup_steps": args.warmup, "timed_steps": args.steps, "sdpa": args.sdpa,
         "note": "peaks are of the training steps (precompute excluded); memory capped at the budget",
     }
     records: list[dict] = []

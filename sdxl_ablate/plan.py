@@ -16,18 +16,20 @@ One training step is *run* on meta tensors, through the trainer's own code
   interpolation and losses in fp32), since meta tensors have no autocast of their own; and
   attention runs as flash / memory-efficient SDPA does on a GPU (output + log-sum-exp saved,
   no L x L matrix);
-- an allocation tracker (`_Allocations`, a TorchDispatchMode) adds up every tensor storage
-  the step creates and frees (weak references tell when one dies), and records the peak.
+- an allocation tracker (`_Watcher`, a TorchDispatchMode) adds up every tensor storage the
+  step creates and frees (weak references tell when one dies), and records the peak; it also
+  counts every op's FLOPs with torch's FLOP formulas.
 
-Gradient checkpointing is real here too (recomputation happens in the simulated backward), so
-the simulated peak reacts to every switch as the GPU does. The predicted peak allocated is
+Gradient checkpointing is real here too (the trainer's own checkpointing function; the
+recomputation happens in the simulated backward), so the simulated peak reacts to every switch
+as the GPU does. The predicted peak allocated is
 
     static (weights as stored, LoRA weights fp32, optimizer state by optimizer kind)
     + the simulated peak of the step (inputs, activations, gradients, recomputation)
 
-and the predicted peak reserved adds what the CUDA caching allocator keeps beyond that
-(rounding, fragmentation, cuBLAS/cuDNN workspaces): `reserved = allocated * RESERVED_SCALE
-+ RESERVED_OVERHEAD_GIB`, two coefficients fitted to the benchmark (see below), which is
+and the predicted peak reserved adds what the CUDA caching allocator keeps beyond the live
+tensors (`predict_reserved_gib`: the step's transient memory times a fragmentation factor,
+plus a constant for workspaces), three coefficients fitted to the benchmark's measurements and
 checked against every benchmark configuration (`sdxl_ablate.bench` records both numbers).
 The same run also counts the step's FLOPs (torch's FLOP counter; attention by its formula).
 """
@@ -55,11 +57,24 @@ from .config import BaseWeights, Config, ConfigError, ModelKind, Optimizer, Prec
 GIB = 1024**3
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
-# Allocator overhead beyond the tensors alive at the peak. Fitted by least squares on the
-# benchmark's measured peak reserved against the simulated peak allocated, H100, torch 2.11,
-# expandable segments on: results/bench_*.json (python -m sdxl_ablate.bench, see README).
-RESERVED_SCALE = 1.0
-RESERVED_OVERHEAD_GIB = 0.25
+# What the CUDA caching allocator reserves beyond the tensors alive at the simulated peak:
+#   reserved = static + step_peak * (RESERVED_STEP_SCALE [+ RESERVED_FP8_EXTRA]) + RESERVED_OVERHEAD_GIB
+# The step's transient memory fragments (2 MiB pages, CUDA graphs' private pools, and with fp8
+# storage the weight-sized dequantized copies of every layer); the constant is cuBLAS/cuDNN
+# workspaces and segment granularity. Fitted (least squares on the relative error) to the 28
+# configurations of results/bench_1024px.json and results/bench_512px.json: NVIDIA H100 80GB,
+# torch 2.11, expandable segments, measured 2026-11-22 (python -m sdxl_ablate.bench); largest
+# error there 7.7%.
+RESERVED_STEP_SCALE = 1.216
+RESERVED_FP8_EXTRA = 0.258
+RESERVED_OVERHEAD_GIB = 0.453
+
+
+def predict_reserved_gib(static_gib: float, step_peak_gib: float, fp8: bool) -> float:
+    """The calibrated allocator model above."""
+    scale = RESERVED_STEP_SCALE + (RESERVED_FP8_EXTRA if fp8 else 0.0)
+    return static_gib + step_peak_gib * scale + RESERVED_OVERHEAD_GIB
+
 
 # Optimizer state bytes per trainable parameter (the fp32 LoRA weights and gradients are
 # counted by the simulation itself): AdamW 2 x fp32 moments; bitsandbytes' 8-bit AdamW two
@@ -305,6 +320,7 @@ class StepSimulation:
     model_flops: int  # forward + backward without recomputation
     params: dict  # frozen parameters per component
     trainable: dict  # trainable parameters: unet, text_encoders, total
+    fp8: bool = False  # base weights stored in fp8
 
     @property
     def peak_allocated_gib(self) -> float:
@@ -312,7 +328,7 @@ class StepSimulation:
 
     @property
     def peak_reserved_gib(self) -> float:
-        return self.peak_allocated_gib * RESERVED_SCALE + RESERVED_OVERHEAD_GIB
+        return predict_reserved_gib(self.static_bytes / GIB, self.step_peak_bytes / GIB, self.fp8)
 
 
 def simulate_step(cfg: Config, batch_size: int | None = None) -> StepSimulation:
@@ -330,19 +346,22 @@ def simulate_step(cfg: Config, batch_size: int | None = None) -> StepSimulation:
         static_bytes=r["static"], weights_bytes=r["weights"], lora_bytes=r["lora"],
         step_peak_bytes=r["peak"], flops=r["flops"], model_flops=r["model_flops"],
         params=c.base_params, trainable={"unet": total - te, "text_encoders": te, "total": total},
+        fp8=cfg.trainer.base_weights == BaseWeights.fp8,
     )
 
 
 def _run_step(cfg: Config, batch: int, dtype: torch.dtype) -> dict:
     from .memory import store_base_weights_fp8
     from .precompute import encode_images, encode_prompts
-    from .train import diffusion_loss
+    from .train import checkpoint_function, diffusion_loss, lora_input_casting
 
     t, lo = cfg.trainer, cfg.lora
     res = cfg.data.resolution
     c = build_meta(cfg, dtype)
     for p in c.trainable:
         p.data = p.data.float()  # as prepare_model: fp32 LoRA weights
+    if dtype != torch.float32:
+        lora_input_casting(c, enabled=False)
     vae_dtype = dtype if cfg.model.vae_fp16_safe else torch.float32
     c.vae.to(vae_dtype)
     if t.base_weights == BaseWeights.fp8:
@@ -351,7 +370,7 @@ def _run_step(cfg: Config, batch: int, dtype: torch.dtype) -> dict:
     autocast = _CudaAutocast(dtype if dtype != torch.float32 else None, watcher)
     recompute = _Recomputation(autocast)
     if t.gradient_checkpointing:
-        c.unet.enable_gradient_checkpointing()
+        c.unet.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_function(cfg))
         if lo.text_encoder:
             c.text_encoder.gradient_checkpointing_enable()
             c.text_encoder_2.gradient_checkpointing_enable()

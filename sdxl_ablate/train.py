@@ -43,6 +43,7 @@ class TrainResult:
     nonfinite_steps: int = 0
     step_times: list[float] = field(default_factory=list)
     images_per_step: int = 1
+    cuda_graphs: bool = False  # whether the steps after the warm-up replayed a CUDA graph
 
     @property
     def final_loss(self) -> float:
@@ -125,6 +126,27 @@ def uncompile_blocks(unet: torch.nn.Module) -> None:
             m._compiled_call_impl = None
 
 
+def checkpoint_function(cfg: Config) -> Callable:
+    """diffusers' block checkpointing, without saving and restoring the RNG state when nothing
+    random runs inside the blocks (LoRA dropout 0): that bookkeeping costs host time at every
+    block and cannot be captured in a CUDA graph. With dropout the recomputed masks must match
+    the forward's, so the state is kept."""
+    preserve_rng_state = cfg.lora.dropout > 0
+
+    def checkpointed(module, *args):
+        return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False,
+                                                 preserve_rng_state=preserve_rng_state)
+
+    return checkpointed
+
+
+def lora_input_casting(c, enabled: bool) -> None:
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        for m in getattr(c, name).modules():
+            if hasattr(m, "cast_input_dtype_enabled"):
+                m.cast_input_dtype_enabled = enabled
+
+
 def prepare_model(c, cfg: Config, device: torch.device) -> list[torch.nn.Parameter]:
     """Places the components, attaches the variant's adapters and applies the speed and memory
     switches of `cfg.trainer`; returns the trainable (LoRA) parameters."""
@@ -140,23 +162,28 @@ def prepare_model(c, cfg: Config, device: torch.device) -> list[torch.nn.Paramet
     params = add_adapters(c, lo)
     for p in params:
         p.data = p.data.float()
+    if dtype != torch.float32:
+        # peft casts each LoRA input to the LoRA weights' fp32, and autocast casts it straight
+        # back to the compute dtype for the matmul: an exact round trip that only costs time and
+        # memory. Restored after training (inference runs without autocast).
+        lora_input_casting(c, enabled=False)
     if t.base_weights == BaseWeights.fp8:
         # Half the bytes of the frozen UNet; the matmuls still run in the compute dtype.
         store_base_weights_fp8(c.unet, dtype)
     if t.gradient_checkpointing:
         # Keep only each block's input in the forward and recompute the block in the backward:
         # about one forward more arithmetic for a fraction of the activation memory.
-        c.unet.enable_gradient_checkpointing()
+        c.unet.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_function(cfg))
         if lo.text_encoder:
             c.text_encoder.gradient_checkpointing_enable()
             c.text_encoder_2.gradient_checkpointing_enable()
-    if t.channels_last:
+    if t.channels_last and device.type == "cuda":
         # cuDNN's fastest bf16 convolutions want NHWC; the UNet's activations follow its weights.
         c.unet.to(memory_format=torch.channels_last)
     c.unet.train()
     for enc in (c.text_encoder, c.text_encoder_2):
         enc.train(lo.text_encoder)
-    if t.compile:
+    if t.compile and device.type == "cuda":  # on a CPU (tests, the demo) compiling costs more than it saves
         compile_blocks(c.unet)
     return params
 
@@ -174,10 +201,15 @@ def draw_noise(latents: torch.Tensor, n_timesteps: int, noise_offset: float, gen
 
 def diffusion_loss(unet, scheduler, latents, embeds, pooled, time_ids, cfg: Config, generator) -> torch.Tensor:
     """SDXL's denoising objective at random timesteps: epsilon or v, as the scheduler says."""
+    noise, steps = draw_noise(latents, scheduler.config.num_train_timesteps, cfg.trainer.noise_offset, generator)
+    return denoising_loss(unet, scheduler, latents, noise, steps, embeds, pooled, time_ids, cfg)
+
+
+def denoising_loss(unet, scheduler, latents, noise, steps, embeds, pooled, time_ids, cfg: Config) -> torch.Tensor:
+    """The loss for given noise and timesteps (no randomness inside: a CUDA graph can hold it)."""
     t = cfg.trainer
-    noise, steps = draw_noise(latents, scheduler.config.num_train_timesteps, t.noise_offset, generator)
     noisy = scheduler.add_noise(latents, noise, steps)
-    if t.channels_last:
+    if t.channels_last and noisy.is_cuda:
         noisy = noisy.contiguous(memory_format=torch.channels_last)
     pred = unet(noisy, steps, embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
     prediction = scheduler.config.prediction_type
@@ -194,6 +226,105 @@ def diffusion_loss(unet, scheduler, latents, embeds, pooled, time_ids, cfg: Conf
     weight = torch.clamp(snr, max=t.snr_gamma) / (snr + 1 if prediction == "v_prediction" else snr)
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     return (per_sample * weight).mean()
+
+
+class GraphedStep:
+    """trainer.cuda_graphs: one micro-batch's forward and backward, captured once as a CUDA graph
+    and replayed at every later step.
+
+    Why: a step launches ~17,000-25,000 kernels, and launching each from Python costs the host
+    more time than most of them take on the GPU, so the GPU waits (the benchmark's profile).
+    A replay launches them all at once. What changes: nothing numerically; the inputs are
+    copied into fixed buffers, the noise and timesteps are drawn outside (same generator, same
+    order), and the LoRA gradients land in fixed tensors that the optimizer reads. The finite
+    check, clipping, loss scaling's bookkeeping and the optimizer step stay outside the graph.
+    """
+
+    def __init__(self, run: Callable[..., torch.Tensor], params: list[torch.nn.Parameter]):
+        self.run = run  # (*inputs) -> loss, after its backward
+        self.params = params
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.inputs: list[torch.Tensor] = []
+        self.loss: torch.Tensor | None = None
+        self.grads: list[torch.Tensor] = []
+        self.summed: list[torch.Tensor] | None = None
+        self.failed = False
+
+    def __call__(self, *inputs: torch.Tensor, micro_batch: int = 0, micro_batches: int = 1) -> torch.Tensor:
+        if self.failed:  # the same forward and backward, eagerly
+            return self.run(*inputs)
+        if self.graph is None:
+            try:
+                self._capture(inputs)
+            except RuntimeError as err:  # e.g. an op that syncs with the host: go on eagerly, say so
+                log.warning("CUDA graph capture failed, training goes on without graphs: %s", err)
+                self.failed = True
+                for p in self.params:
+                    p.grad = None
+                torch.cuda.synchronize()
+                return self.run(*inputs)
+        else:
+            for buffer, x in zip(self.inputs, inputs):
+                buffer.copy_(x)
+        self.graph.replay()
+        # The optimizer reads p.grad; zero_grad(set_to_none) between steps drops the attribute,
+        # not the graph's tensors, so point it back. The next replay overwrites those tensors:
+        # with gradient accumulation the micro-batches are summed in tensors of their own.
+        grads = self.grads
+        if micro_batches > 1:
+            if micro_batch == 0:
+                self.summed = [g.clone() for g in self.grads]
+            else:
+                torch._foreach_add_(self.summed, self.grads)
+            grads = self.summed
+        for p, g in zip(self.params, grads):
+            p.grad = g
+        return self.loss
+
+    def _capture(self, inputs) -> None:
+        for p in self.params:
+            p.grad = None  # the backward then writes fresh tensors of the graph's own pool
+        self.inputs = [x.clone() for x in inputs]
+        torch.cuda.synchronize()
+        # The eager warm-up steps' cached blocks cannot serve the graph's private pool.
+        torch.cuda.empty_cache()
+        graph = torch.cuda.CUDAGraph()
+        # Captured on the stream the loop runs on (see train): autograd's gradient accumulators
+        # were made there in the warm-up steps, and one on another stream would sync (illegal
+        # while capturing).
+        with torch.cuda.graph(graph, stream=torch.cuda.current_stream()):  # replayed in __call__
+            self.loss = self.run(*self.inputs)
+        self.graph = graph
+        self.grads = [p.grad for p in self.params]
+
+
+@contextlib.contextmanager
+def side_stream(device: torch.device) -> Iterator[None]:
+    """Runs the enclosed work on a fresh CUDA stream, ordered after and before the default one."""
+    default, side = torch.cuda.current_stream(device), torch.cuda.Stream(device)
+    side.wait_stream(default)
+    with torch.cuda.stream(side):
+        yield
+    default.wait_stream(side)
+
+
+# Eager steps before the capture: compilation, cuBLAS/cuDNN set-up and the optimizer's state
+# happen there, never inside the graph.
+GRAPH_WARMUP_STEPS = 2
+
+
+def graphs_usable(cfg: Config, device: torch.device) -> tuple[bool, str]:
+    """Whether trainer.cuda_graphs applies to this variant, and why not."""
+    t, lo = cfg.trainer, cfg.lora
+    if not t.cuda_graphs:
+        return False, "off"
+    if device.type != "cuda":
+        return False, "CUDA graphs need a CUDA device"
+    if lo.text_encoder:
+        return False, "text-encoder LoRA tokenizes and encodes prompts on the host inside the step"
+    if lo.dropout > 0 and t.gradient_checkpointing:
+        return False, "LoRA dropout with checkpointing must save and restore the RNG state per block"
+    return True, "on"
 
 
 def batches(n: int, batch_size: int, rng: random.Random) -> Iterator[list[int]]:
@@ -266,25 +397,52 @@ def train(components, data: LoadedData, cfg: Config, device: torch.device,
         time_ids = torch.tensor([p.time_ids for p in items], device=device, dtype=dtype)
         return latents, embeds, pooled, time_ids
 
+    def forward_backward(latents, noise, timesteps, embeds, pooled, time_ids) -> torch.Tensor:
+        """What the CUDA graph holds: the loss for drawn noise and timesteps, and its backward."""
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = denoising_loss(c.unet, c.noise_scheduler, latents, noise, timesteps, embeds, pooled,
+                                  time_ids, cfg)
+        scaler.scale(loss / t.grad_accum).backward()
+        return loss.detach()
+
+    use_graphs, why = graphs_usable(cfg, device)
+    if t.cuda_graphs and not use_graphs:
+        log.warning("trainer.cuda_graphs=true has no effect here: %s", why)
+    graphed = GraphedStep(forward_backward, params) if use_graphs else None
+
     # --- the loop ----------------------------------------------------------------------------
     result = TrainResult(status="ok", images_per_step=t.batch_size * t.grad_accum)
     order = batches(len(data.train), t.batch_size, rng)
     nonfinite_in_row = 0
     hooks.loop_start()
     bar = tqdm(range(steps), desc=f"train {cfg.lora.targets.value}", unit="step", dynamic_ncols=True)
+    # A graph is captured off the default stream, and the warm-up steps whose backward made the
+    # gradient accumulators must have run there too: with graphs the loop runs on a side stream.
+    stream = contextlib.ExitStack()
+    if graphed is not None:
+        stream.enter_context(side_stream(device))
     for step in bar:
         with hooks.step(step):
             started = time.perf_counter()
             step_loss, finite = 0.0, True
-            for _ in range(t.grad_accum):
+            for micro in range(t.grad_accum):
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                     latents, embeds, pooled, time_ids = next_inputs(next(order))
-                    loss = diffusion_loss(c.unet, c.noise_scheduler, latents, embeds, pooled, time_ids, cfg,
-                                          generator)
-                if not torch.isfinite(loss):
-                    finite = False
+                if graphed is not None and step >= GRAPH_WARMUP_STEPS:
+                    noise, timesteps = draw_noise(latents, c.noise_scheduler.config.num_train_timesteps,
+                                                  t.noise_offset, generator)
+                    loss = graphed(latents, noise, timesteps, embeds, pooled, time_ids, micro_batch=micro,
+                                   micro_batches=t.grad_accum)
+                    finite = bool(torch.isfinite(loss))  # the graph ran the backward too; unused if not
+                else:
+                    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                        loss = diffusion_loss(c.unet, c.noise_scheduler, latents, embeds, pooled, time_ids, cfg,
+                                              generator)
+                    finite = bool(torch.isfinite(loss))
+                    if finite:
+                        scaler.scale(loss / t.grad_accum).backward()
+                if not finite:
                     break
-                scaler.scale(loss / t.grad_accum).backward()
                 step_loss += loss.item() / t.grad_accum
 
             if finite:
@@ -319,7 +477,9 @@ def train(components, data: LoadedData, cfg: Config, device: torch.device,
             log_metrics(metrics, step)
             bar.set_postfix(loss=f"{step_loss:.4f}")
     bar.close()
+    stream.close()
     result.steps = len(result.losses)
-    if t.compile:
-        uncompile_blocks(c.unet)
+    result.cuda_graphs = graphed is not None and graphed.graph is not None and not graphed.failed
+    uncompile_blocks(c.unet)
+    lora_input_casting(c, enabled=True)
     return result
