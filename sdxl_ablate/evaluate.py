@@ -32,7 +32,7 @@ from .data import Example, ImageTransform, LoadedData
 from .lora import load_lora, remove_adapters
 from .memory import Fp8Conv2d, Fp8Linear
 from .precompute import encode_images, encode_prompts, prepare_example
-from .train import DTYPES
+from .train import DTYPES, target_for
 
 if TYPE_CHECKING:  # an annotation only: evaluation itself needs no MLflow
     from .tracking import Tracker
@@ -157,15 +157,6 @@ def heldout_set(components, examples: list[Example], cfg: Config, device: torch.
     noise = torch.randn((len(prepared), len(timesteps), *latents.shape[1:]), generator=generator)
     return HeldoutSet(latents, [p.caption for p in prepared], torch.tensor([p.time_ids for p in prepared]),
                       timesteps, noise)
-
-
-def target_for(scheduler, latents: torch.Tensor, noise: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-    prediction = scheduler.config.prediction_type
-    if prediction == "epsilon":
-        return noise
-    if prediction == "v_prediction":
-        return scheduler.get_velocity(latents, noise, steps)
-    raise ValueError(f"scheduler prediction_type={prediction!r}: only epsilon and v_prediction are supported")
 
 
 @torch.no_grad()

@@ -199,6 +199,16 @@ def draw_noise(latents: torch.Tensor, n_timesteps: int, noise_offset: float, gen
     return noise, steps
 
 
+def target_for(scheduler, latents: torch.Tensor, noise: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """What the UNet must predict: the noise (epsilon) or the velocity, as the scheduler says."""
+    prediction = scheduler.config.prediction_type
+    if prediction == "epsilon":
+        return noise
+    if prediction == "v_prediction":
+        return scheduler.get_velocity(latents, noise, steps)
+    raise ValueError(f"scheduler prediction_type={prediction!r}: only epsilon and v_prediction are supported")
+
+
 def diffusion_loss(unet, scheduler, latents, embeds, pooled, time_ids, cfg: Config, generator) -> torch.Tensor:
     """SDXL's denoising objective at random timesteps: epsilon or v, as the scheduler says."""
     noise, steps = draw_noise(latents, scheduler.config.num_train_timesteps, cfg.trainer.noise_offset, generator)
@@ -212,13 +222,8 @@ def denoising_loss(unet, scheduler, latents, noise, steps, embeds, pooled, time_
     if t.channels_last and noisy.is_cuda:
         noisy = noisy.contiguous(memory_format=torch.channels_last)
     pred = unet(noisy, steps, embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+    target = target_for(scheduler, latents, noise, steps)
     prediction = scheduler.config.prediction_type
-    if prediction == "epsilon":
-        target = noise
-    elif prediction == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, steps)
-    else:
-        raise ValueError(f"scheduler prediction_type={prediction!r}: only epsilon and v_prediction are supported")
     if t.snr_gamma is None:
         return F.mse_loss(pred.float(), target.float())
     # Min-SNR-gamma (Hang et al. 2023): down-weight the easy, low-noise timesteps.
