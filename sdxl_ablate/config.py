@@ -9,7 +9,9 @@ the composed config becomes a typed object and report every problem at once.
 from __future__ import annotations
 
 import enum
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -259,6 +261,12 @@ def cross_field_problems(cfg: Config) -> list[str]:
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         p.append(f"device={dev!r}: must be auto, cpu, cuda or cuda:N")
     return p
+
+
+def cache_root() -> Path:
+    """Where the derived files live (tokenizer, sample dataset, latent cache):
+    $SDXL_ABLATE_CACHE, else ~/.cache/sdxl_ablate."""
+    return Path(os.environ.get("SDXL_ABLATE_CACHE") or Path.home() / ".cache" / "sdxl_ablate")
 
 
 def register_configs() -> None:

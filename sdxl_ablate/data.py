@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from .config import Crop, DataConfig, DataSource
+from .config import Crop, DataConfig, DataSource, cache_root
 
 log = logging.getLogger(__name__)
 
@@ -191,14 +191,10 @@ def make_sample_dataset(root: Path, n: int = 16, size: int = 128, seed: int = 0)
     return root
 
 
-def _cache_root() -> Path:
-    return Path(os.environ.get("SDXL_ABLATE_CACHE") or Path.home() / ".cache" / "sdxl_ablate")
-
-
 def sample_dataset_dir(cfg: DataConfig) -> Path:
     """Where the sample dataset for `cfg` lives. Its images are drawn at the training
     resolution, so they are never upscaled (a blurry sample would teach blur)."""
-    return _cache_root() / f"sample_n{cfg.sample_size}_{cfg.resolution}px_seed0_v{_SAMPLE_VERSION}"
+    return cache_root() / f"sample_n{cfg.sample_size}_{cfg.resolution}px_seed0_v{_SAMPLE_VERSION}"
 
 
 # --------------------------------------------------------------------------- loading

@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw, ImageFont
 from .config import Config, Crop, EvalConfig
 from .data import Example, ImageTransform, LoadedData
 from .lora import load_lora, remove_adapters
-from .memory import Fp8Conv2d, Fp8Linear
+from .memory import dequantize_base_weights
 from .precompute import encode_images, encode_prompts, prepare_example
 from .train import DTYPES, target_for
 
@@ -192,18 +192,6 @@ def heldout_loss(components, hs: HeldoutSet, cfg: Config, device: torch.device) 
 
 def inference_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "cpu" else DTYPES[cfg.trainer.precision]
-
-
-def dequantize_base_weights(module: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Undoes trainer.base_weights=fp8 in place: plain Linear/Conv2d layers holding
-    fp8 * scale in `dtype`. Inference then runs in one dtype, and a fused LoRA is added to
-    the real weights rather than to their fp8 codes."""
-    for m in module.modules():
-        if isinstance(m, (Fp8Linear, Fp8Conv2d)):
-            weight = (m.weight.float() * m.weight_scale.float()).to(dtype)
-            m.__class__ = torch.nn.Linear if isinstance(m, Fp8Linear) else torch.nn.Conv2d
-            del m.weight_scale, m.compute_dtype
-            m.weight = torch.nn.Parameter(weight, requires_grad=False)
 
 
 def inference_pipeline(components, cfg: Config, device: torch.device):

@@ -199,6 +199,18 @@ def store_base_weights_fp8(module: torch.nn.Module, compute_dtype: torch.dtype, 
     return converted
 
 
+def dequantize_base_weights(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Undoes `store_base_weights_fp8` in place: plain Linear/Conv2d layers holding
+    fp8 * scale in `dtype`. Inference then runs in one dtype, and a fused LoRA is added to
+    the real weights rather than to their fp8 codes."""
+    for m in module.modules():
+        if isinstance(m, (Fp8Linear, Fp8Conv2d)):
+            weight = (m.weight.float() * m.weight_scale.float()).to(dtype)
+            m.__class__ = torch.nn.Linear if isinstance(m, Fp8Linear) else torch.nn.Conv2d
+            del m.weight_scale, m.compute_dtype
+            m.weight = torch.nn.Parameter(weight, requires_grad=False)
+
+
 def _is_lora_weight(m: torch.nn.Module) -> bool:
     # peft's lora_A / lora_B are plain Linear/Conv2d layers inside ModuleDicts; they train.
     return any(p.requires_grad for p in m.parameters())

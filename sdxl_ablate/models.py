@@ -35,7 +35,7 @@ from diffusers import (
 from huggingface_hub.errors import HFValidationError
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from .config import ModelConfig, ModelKind
+from .config import ModelConfig, ModelKind, cache_root
 
 # --- stabilityai/stable-diffusion-xl-base-1.0: the published config.json values --------------
 
@@ -442,8 +442,7 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def _clip_bpe_files() -> tuple[Path, Path]:
     """vocab.json and merges.txt in Hugging Face format, derived once from open_clip's BPE file."""
-    root = Path(os.environ.get("SDXL_ABLATE_CACHE") or Path.home() / ".cache" / "sdxl_ablate")
-    folder = root / "clip_tokenizer"
+    folder = cache_root() / "clip_tokenizer"
     vocab_file, merges_file = folder / "vocab.json", folder / "merges.txt"
     if vocab_file.is_file() and merges_file.is_file():
         return vocab_file, merges_file

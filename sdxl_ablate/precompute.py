@@ -19,16 +19,12 @@ from pathlib import Path
 import torch
 from PIL import ImageOps
 
-from .config import Config
+from .config import Config, cache_root
 from .data import Example, ImageTransform
 
 log = logging.getLogger(__name__)
 
 MAX_TOKENS = 77
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("SDXL_ABLATE_CACHE", Path.home() / ".cache" / "sdxl_ablate"))
 
 
 @torch.no_grad()

@@ -18,7 +18,6 @@ from sdxl_ablate.data import Example, LoadedData
 from sdxl_ablate.evaluate import (
     ClipLoadError,
     clip_scores,
-    dequantize_base_weights,
     evaluate,
     generate,
     grid_layout,
@@ -30,7 +29,7 @@ from sdxl_ablate.evaluate import (
     tiny_clip,
 )
 from sdxl_ablate.lora import add_adapters, load_lora, remove_adapters, save_lora
-from sdxl_ablate.memory import store_base_weights_fp8
+from sdxl_ablate.memory import dequantize_base_weights, store_base_weights_fp8
 from sdxl_ablate.models import build_tiny
 from sdxl_ablate.tracking import Tracker
 
