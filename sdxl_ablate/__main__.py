@@ -1,8 +1,13 @@
-"""`python -m sdxl_ablate [overrides]`: one variant; add `-m` for a sweep (one MLflow run each)."""
+"""`python -m sdxl_ablate [overrides]`: one variant; add `-m` for a sweep (one MLflow run each).
+
+Exit code: the number of variants that did not end with status `ok` (0 when all did; capped at
+100); 101 when the preflight found a missing resource before anything trained (sweep.py).
+"""
 
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import hydra
@@ -10,11 +15,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from . import sweep
 from .config import ConfigError, TrackingConfig, register_configs, to_typed
 from .tracking import Tracker, resolve_uri
 
 log = logging.getLogger("sdxl_ablate")
 register_configs()
+_single_run_failed = False
 
 
 def run_name() -> str:
@@ -24,27 +31,48 @@ def run_name() -> str:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(dcfg: DictConfig) -> float | None:
+    global _single_run_failed
     hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    # A sweep's id and parent run were made by sweep.SweepCallback before any job started.
+    info = sweep.read_info(Path(hc.sweep.dir)) if multirun else sweep.SweepInfo(sweep.new_sweep_id())
     try:
         cfg = to_typed(dcfg)
     except ConfigError as err:
-        if hc.mode != RunMode.MULTIRUN:
+        if not multirun:
             raise
         # In a sweep, record the bad variant as a failed run and go on with the next one.
         log.error("variant %s: %s", run_name(), err)
         tracking = TrackingConfig(**OmegaConf.to_container(dcfg.tracking, resolve=True))
-        with Tracker(tracking, str(dcfg.study), run_name(), tags={"study": str(dcfg.study)}) as tracker:
+        tags = {**info.tags(), "study": str(dcfg.study)}
+        with Tracker(tracking, tracking.experiment or str(dcfg.study), run_name(), tags=tags) as tracker:
             tracker.set_status("failed", error=str(err))
         return None
 
+    if not multirun:  # a sweep's preflight ran once, for all its jobs, in SweepCallback
+        from .preflight import PreflightError, check
+
+        try:
+            check([cfg])
+        except PreflightError as e:
+            print(f"\n{e}\n", file=sys.stderr)
+            sys.exit(sweep.PREFLIGHT_EXIT)
     from .runner import run  # heavy imports (torch, diffusers) only once the config is valid
 
-    result = run(cfg, run_name(), Path(hc.runtime.output_dir))
-    if hc.mode != RunMode.MULTIRUN:
+    result = run(cfg, run_name(), Path(hc.runtime.output_dir), info)
+    if not multirun:
+        _single_run_failed = result is None
         print(f"\nResults: MLflow experiment '{cfg.tracking.experiment or cfg.study}' at "
               f"{resolve_uri(cfg.tracking)}; files in {hc.runtime.output_dir}")
     return result
 
 
+def exit_code() -> int:
+    if sweep.last_failed is not None:
+        return min(sweep.last_failed, 100)
+    return int(_single_run_failed)
+
+
 if __name__ == "__main__":
     main()
+    sys.exit(exit_code())

@@ -299,5 +299,33 @@ def flatten(cfg: Config) -> dict[str, Any]:
     return out
 
 
+def unused_keys(cfg: Config) -> set[str]:
+    """Flat keys whose values did not take part in this run: the hub id when the tiny model
+    ran, the dataset name when the sample data ran, every eval setting with eval off."""
+    keys: set[str] = set()
+    if cfg.model.kind != ModelKind.pretrained:
+        keys |= {"model.pretrained", "model.revision", "model.vae"}
+    source = cfg.data.source
+    if source != DataSource.hub:
+        keys.add("data.name")
+    if source != DataSource.folder:
+        keys.add("data.path")
+    if source == DataSource.sample:
+        keys.add("data.split")
+    else:
+        keys.add("data.sample_size")
+    if cfg.trainer.epochs is not None:
+        keys.add("trainer.max_steps")
+    if not cfg.eval.enabled:
+        keys |= {k for k in flatten(cfg) if k.startswith("eval.") and k != "eval.enabled"}
+    return keys
+
+
+def used_params(cfg: Config) -> dict[str, Any]:
+    """The flat params to record: what ran, without the fields of unused sources."""
+    unused = unused_keys(cfg)
+    return {k: v for k, v in flatten(cfg).items() if k not in unused}
+
+
 def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))

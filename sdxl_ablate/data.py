@@ -223,8 +223,8 @@ def _load_hub(cfg: DataConfig) -> datasets.Dataset:
         datasets.config.HF_HUB_OFFLINE = was_offline
 
 
-def _load_folder(path: Path, split: str) -> datasets.Dataset:
-    """Checks the folder first, so a typo gives a message naming the path, not a `datasets` trace."""
+def check_folder(path: Path) -> None:
+    """Raises DataError naming the path unless it is a folder of images with a metadata file."""
     metadata = " or ".join(ImageFolder.METADATA_FILENAMES)
     needs = f"data=folder needs a folder of images with a metadata file ({metadata}; file_name, text)"
     if not path.is_dir():
@@ -235,6 +235,11 @@ def _load_folder(path: Path, split: str) -> datasets.Dataset:
         raise DataError(f"data.path={str(path)!r} holds no images (.png, .jpg, .webp, ...); {needs}")
     if not any(p.name in ImageFolder.METADATA_FILENAMES for p in files):
         raise DataError(f"data.path={str(path)!r} has no metadata file with the captions; {needs}")
+
+
+def _load_folder(path: Path, split: str) -> datasets.Dataset:
+    """Checks the folder first, so a typo gives a message naming the path, not a `datasets` trace."""
+    check_folder(path)
     try:
         return datasets.load_dataset("imagefolder", data_dir=str(path), split=split)
     except (FileNotFoundError, ValueError, DatasetsError) as e:

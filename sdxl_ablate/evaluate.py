@@ -8,7 +8,8 @@ Metrics (all under `eval/`):
 
 - `heldout_loss`, `heldout_loss_base`: the denoising loss (MSE against the epsilon or v
   target, as the noise scheduler says) on the held-out images at `eval.heldout_timesteps`,
-  with the trained LoRA and without it.
+  with the trained LoRA and without it; `heldout_loss_delta` (LoRA - base) and
+  `heldout_loss_delta_se`, its standard error over the paired (image, timestep) samples.
 - `clip_style`, `clip_text` (LoRA) and `clip_style_base`, `clip_text_base` (base model): see
   `style_score` and `text_score`; each metric is the mean of the per-image values.
 - `clip_style_lift` = clip_style - clip_style_base, `clip_text_lift` likewise.
@@ -160,16 +161,17 @@ def heldout_set(components, examples: list[Example], cfg: Config, device: torch.
 
 
 @torch.no_grad()
-def heldout_loss(components, hs: HeldoutSet, cfg: Config, device: torch.device) -> float:
-    """Mean denoising MSE over every (held-out image, timestep) pair, for the model as it
-    stands (with or without adapters), in the training precision."""
+def heldout_loss(components, hs: HeldoutSet, cfg: Config, device: torch.device) -> torch.Tensor:
+    """Denoising MSE of every (held-out image, timestep) pair, image-major, for the model as it
+    stands (with or without adapters), in the training precision. Its mean is the metric; the
+    pairs are kept so the LoRA can be compared with the base pair by pair (`heldout_delta`)."""
     c = components
     dtype = DTYPES[cfg.trainer.precision]
     for module in (c.unet, c.text_encoder, c.text_encoder_2):
         module.to(device).eval()  # eval: no LoRA dropout; the frozen encoders may sit on the CPU
     n, t = hs.noise.shape[:2]
     images, steps_of = torch.arange(n).repeat_interleave(t), torch.arange(t).repeat(n)  # every (image, timestep)
-    total = 0.0
+    losses = []
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         embeds, pooled = encode_prompts(c.text_encoder, c.text_encoder_2, c.tokenizer, c.tokenizer_2, hs.captions)
         # Batches of the training batch size: known to fit the memory budget.
@@ -183,8 +185,16 @@ def heldout_loss(components, hs: HeldoutSet, cfg: Config, device: torch.device) 
             cond = {"text_embeds": pooled[on_device], "time_ids": hs.time_ids[img].to(device, dtype)}
             pred = c.unet(noisy, steps, embeds[on_device], added_cond_kwargs=cond).sample
             target = target_for(c.noise_scheduler, latents, noise, steps)
-            total += F.mse_loss(pred.float(), target.float(), reduction="sum").item()
-    return total / hs.noise.numel()
+            losses.append(F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3)).cpu())
+    return torch.cat(losses)
+
+
+def heldout_delta(lora: torch.Tensor, base: torch.Tensor) -> dict[str, float]:
+    """LoRA minus base held-out loss, and the standard error of that difference over the paired
+    (image, timestep) samples: the evaluation's own noise, against which an effect is judged."""
+    diff = (lora - base).double()
+    se = diff.std(unbiased=True).item() / len(diff) ** 0.5 if len(diff) > 1 else float("nan")
+    return {"eval/heldout_loss_delta": diff.mean().item(), "eval/heldout_loss_delta_se": se}
 
 
 # --------------------------------------------------------------------------- generation
@@ -384,14 +394,17 @@ def evaluate(components, lora_file: Path, data: LoadedData, cfg: Config, device:
 
     if data.heldout:
         hs = heldout_set(components, data.heldout, cfg, device)
-        metrics["eval/heldout_loss"] = heldout_loss(components, hs, cfg, device)
+        lora_losses = heldout_loss(components, hs, cfg, device)
+        metrics["eval/heldout_loss"] = lora_losses.mean().item()
     else:
         log.warning("no held-out images (data.heldout=%d): no held-out loss, no clip_style", cfg.data.heldout)
     # Stripping the trained adapters restores the exact base model: the base loss, then the
     # base images, and the LoRA comes back only through the saved file (what users load).
     remove_adapters(components)
     if data.heldout:
-        metrics["eval/heldout_loss_base"] = heldout_loss(components, hs, cfg, device)
+        base_losses = heldout_loss(components, hs, cfg, device)
+        metrics["eval/heldout_loss_base"] = base_losses.mean().item()
+        metrics.update(heldout_delta(lora_losses, base_losses))
 
     jobs = eval_jobs(ev)
     resolution = ev.resolution or cfg.data.resolution
@@ -415,3 +428,29 @@ def evaluate(components, lora_file: Path, data: LoadedData, cfg: Config, device:
     tracker.log_metrics(metrics)
     log.info("eval: %s", ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m sdxl_ablate.evaluate --run-id ID [eval=tiny] [eval.steps=10]`: evaluate a
+    finished variant again (e.g. after its evaluation failed), into the same MLflow run."""
+    import argparse
+
+    from .config import TrackingConfig
+    from .runner import reevaluate
+
+    parser = argparse.ArgumentParser(prog="python -m sdxl_ablate.evaluate", description=main.__doc__)
+    parser.add_argument("--run-id", required=True, help="the variant's MLflow run id")
+    parser.add_argument("--tracking-uri", default=None, help="default: sqlite:///<cwd>/mlflow.db")
+    parser.add_argument("--device", default=None, help="default: the run's recorded device setting")
+    parser.add_argument("overrides", nargs="*", help="eval=NAME or eval.KEY=VALUE")
+    args = parser.parse_args(argv)
+    metrics = reevaluate(args.run_id, TrackingConfig(uri=args.tracking_uri), args.overrides, args.device)
+    if not metrics:
+        print(f"evaluation of run {args.run_id} failed: see its eval_error tag and eval_error.txt")
+        return 1
+    print("\n".join(f"{k} = {v:.4f}" for k, v in metrics.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -148,3 +148,9 @@ def remove_adapters(components) -> None:
         recurse_remove_peft_layers(module)
         del module.peft_config
         module._hf_peft_config_loaded = False
+
+
+def lora_b_all_zero(components) -> bool:
+    """True when every LoRA B (up) matrix is exactly zero: the adapters are still the identity."""
+    b = [p for m in lora_modules(components).values() for n, p in m.named_parameters() if ".lora_B." in n]
+    return bool(b) and all(torch.count_nonzero(p) == 0 for p in b)

@@ -5,7 +5,10 @@ not fit a 16 GB card raises OutOfMemoryError here too, even on an 80 GB GPU. Pea
 allocated and peak reserved are reset at the start of every variant, because Hydra runs a
 sweep's jobs in one process and the counters (and the cache) would otherwise carry over.
 On CPU there is no allocator to cap: the peak resident set size of the process is
-recorded instead, under its own metric name, after resetting the kernel's high-water mark.
+recorded instead, under its own metric name, after giving freed heap back to the kernel and
+resetting its high-water mark. Each variant has two phases, measured apart: setup and input
+caching (`memory/precompute_peak_*`), then training (`memory/peak_*`), so a warm or cold
+latent cache does not change the training number.
 """
 
 from __future__ import annotations
@@ -49,37 +52,54 @@ class MemoryGuard:
         return self.device.type == "cuda"
 
     def start(self) -> None:
-        """Frees what earlier variants left behind and resets the peak counters."""
+        """Caps the process at the budget and starts the first measurement phase."""
+        if self.cuda and self.enforce:
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, self.budget_gib * GIB / total), self.device)
+        self.reset_peak()
+
+    def reset_peak(self) -> None:
+        """Starts a measurement phase: first gives back what is no longer used (earlier variants'
+        or phases' cached blocks and freed heap), so the next peak counts live memory plus this
+        phase, whatever ran before it in the process."""
         gc.collect()
         if self.cuda:
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
-            total = torch.cuda.get_device_properties(self.device).total_memory
-            if self.enforce:
-                fraction = min(1.0, self.budget_gib * GIB / total)
-                torch.cuda.set_per_process_memory_fraction(fraction, self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
+            trim_heap()
             reset_peak_rss()
 
-    def peak(self) -> dict[str, float]:
-        """Peak memory since `start`, in GiB, under names that say what was measured."""
+    def peak(self, prefix: str = "memory/peak") -> dict[str, float]:
+        """Peak memory since the phase began, in GiB, under names that say what was measured."""
         if self.cuda:
             return {
-                "memory/peak_allocated_gib": torch.cuda.max_memory_allocated(self.device) / GIB,
-                "memory/peak_reserved_gib": torch.cuda.max_memory_reserved(self.device) / GIB,
+                f"{prefix}_allocated_gib": torch.cuda.max_memory_allocated(self.device) / GIB,
+                f"{prefix}_reserved_gib": torch.cuda.max_memory_reserved(self.device) / GIB,
             }
-        return {"memory/peak_rss_gib": peak_rss_bytes() / GIB}
+        return {f"{prefix}_rss_gib": peak_rss_bytes() / GIB}
 
-    def fits(self, peak: dict[str, float]) -> bool | None:
-        """Whether the variant fits the budget; None where it cannot be told (CPU)."""
-        reserved = peak.get("memory/peak_reserved_gib")
-        return None if reserved is None else reserved <= self.budget_gib
+    def fits(self, *peaks: dict[str, float]) -> bool | None:
+        """Whether every phase fits the budget; None where it cannot be told (CPU)."""
+        reserved = [v for p in peaks for k, v in p.items() if k.endswith("_reserved_gib")]
+        return None if not reserved else max(reserved) <= self.budget_gib
 
     def release(self) -> None:
         gc.collect()
         if self.cuda:
             torch.cuda.empty_cache()
+
+
+def trim_heap() -> None:
+    """Returns the C heap's free pages to the kernel (glibc), so the resident set is what is
+    live, not what an earlier, larger variant once needed."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: RSS may then include freed memory the allocator kept
 
 
 def reset_peak_rss() -> None:

@@ -1,7 +1,11 @@
 """One variant, start to finish: data -> model -> train -> save -> evaluate, into one MLflow run.
 
-Whatever fails (out of memory, NaNs, a bad file, a bug) ends *this* variant with a status
-tag and a closed run; the sweep goes on with the next one.
+Whatever fails (no GPU, out of memory, NaNs, a bad file, a bug) ends *this* variant with a
+status tag and a closed run; the sweep goes on with the next one. The run is created first,
+so even a variant that fails before loading anything is on record. Training and evaluation are
+separate outcomes: `status` says how training ended, `eval_status` (ok/failed/off) how the
+evaluation did; a variant that trained but could not be evaluated keeps its LoRA and metrics,
+and `python -m sdxl_ablate.evaluate --run-id ID` can evaluate it later.
 """
 
 from __future__ import annotations
@@ -9,18 +13,24 @@ from __future__ import annotations
 import logging
 import traceback
 from pathlib import Path
+from typing import Optional
 
 import torch
 
-from .config import Config, flatten, to_yaml
+from .config import Config, to_yaml, used_params
 from .data import load_data
-from .lora import save_lora
+from .lora import lora_b_all_zero, save_lora
 from .memory import MemoryGuard, configure_allocator, is_oom
 from .models import load_components
+from .sweep import SweepInfo, new_sweep_id
 from .tracking import Tracker
-from .train import train
+from .train import Hooks, train
 
 log = logging.getLogger(__name__)
+
+# Below this relative change of the held-out loss an effect is called negligible, however
+# significant: with a near-constant difference its standard error can be tiny too.
+NEGLIGIBLE_RELATIVE_CHANGE = 1e-3
 
 
 def resolve_device(name: str) -> torch.device:
@@ -29,6 +39,10 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device={name}: no CUDA GPU is visible; use device=cpu or device=auto")
     return torch.device(name)
+
+
+def device_tag(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def variant_tags(cfg: Config) -> dict[str, str]:
@@ -43,33 +57,62 @@ def variant_tags(cfg: Config) -> dict[str, str]:
         "lora.dropout": str(lo.dropout),
         "trainer.precision": tr.precision.value,
         "trainer.optimizer": tr.optimizer.value,
+        "trainer.seed": str(tr.seed),
         "data.resolution": str(cfg.data.resolution),
     }
 
 
-def run(cfg: Config, run_name: str, output_dir: Path) -> float | None:
+def no_effect_reason(cfg: Config, components, eval_metrics: dict[str, float]) -> Optional[str]:
+    """Why the trained LoRA changed nothing measurable, or None if it did."""
+    if not cfg.lora.use_dora and lora_b_all_zero(components):
+        # B starts at zero: an adapter whose B never moved is the identity (DoRA's magnitudes can
+        # still act, so DoRA is judged by its held-out loss alone).
+        return "every LoRA B matrix is still zero: the adapter is the identity"
+    delta, se = eval_metrics.get("eval/heldout_loss_delta"), eval_metrics.get("eval/heldout_loss_delta_se")
+    base = eval_metrics.get("eval/heldout_loss_base")
+    if delta is None or base is None:
+        return None
+    if abs(delta) <= NEGLIGIBLE_RELATIVE_CHANGE * abs(base):
+        return f"held-out loss changed by {delta:+.2e}, under {NEGLIGIBLE_RELATIVE_CHANGE:.0e} of the base's {base:.4f}"
+    if se == se and abs(delta) <= 2 * se:  # se is nan with a single held-out pair
+        return f"held-out loss change {delta:+.4f} is within noise (2 x standard error {se:.4f})"
+    return None
+
+
+def run(cfg: Config, run_name: str, output_dir: Path, sweep: Optional[SweepInfo] = None) -> float | None:
     """Runs one variant; returns its final training loss (the sweep metric), None if it failed."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
+    sweep = sweep or SweepInfo(new_sweep_id())
     configure_allocator(cfg.memory.expandable_segments)
-    guard = MemoryGuard(cfg.memory.budget_gib, device, cfg.memory.enforce)
-    with Tracker(cfg.tracking, cfg.study, run_name, tags=variant_tags(cfg)) as tracker:
-        tracker.log_params(flatten(cfg))
+    with Tracker(cfg.tracking, cfg.study, run_name, tags={**variant_tags(cfg), **sweep.tags()}) as tracker:
+        tracker.log_params(used_params(cfg))
         tracker.log_text(to_yaml(cfg), "config.yaml")
-        tracker.set_tags({"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                          "output_dir": str(output_dir)})
-        components = None
-        guard.start()
+        tracker.set_tags({"output_dir": str(output_dir)})
+        components, guard = None, None
         try:
+            device = resolve_device(cfg.device)
+            tracker.set_tags({"device": device_tag(device)})
+            guard = MemoryGuard(cfg.memory.budget_gib, device, cfg.memory.enforce)
+            guard.start()
             data = load_data(cfg.data)
             tracker.log_metrics({"data/train_images": len(data.train), "data/heldout_images": len(data.heldout),
                                  "data/skipped_images": len(data.skipped)})
             if data.skipped:
                 tracker.log_text("\n".join(data.skipped), "data/skipped_images.txt")
             components = load_components(cfg.model)
-            result = train(components, data, cfg, device, tracker.log_metrics, guard.peak)
+            precompute_peak: dict[str, float] = {}
+
+            def training_starts() -> None:
+                # Setup and input caching are one phase, training the next: the training peak
+                # must not depend on whether the latent cache was cold (first variant) or warm.
+                precompute_peak.update(guard.peak("memory/precompute_peak"))
+                tracker.log_metrics(precompute_peak)
+                guard.reset_peak()
+
+            result = train(components, data, cfg, device, tracker.log_metrics, guard.peak,
+                           hooks=Hooks(loop_start=training_starts))
             peak = guard.peak()
-            fits = guard.fits(peak)
+            fits = guard.fits(peak, precompute_peak)
             tracker.log_metrics({
                 **peak,
                 "train/final_loss": result.final_loss,
@@ -83,24 +126,111 @@ def run(cfg: Config, run_name: str, output_dir: Path) -> float | None:
                 tracker.set_status(result.status, error=f"{result.nonfinite_steps} non-finite losses, "
                                    f"{cfg.trainer.max_nonfinite_in_row} in a row")
                 return None
+            no_effect = no_effect_reason(cfg, components, {})
+            eval_metrics: dict[str, float] = {}
             if cfg.trainer.save_lora:
                 lora_file = save_lora(components, output_dir / "lora")
                 if cfg.tracking.log_weights:
                     tracker.log_artifact(lora_file, "lora")
                 if cfg.eval.enabled:
-                    from .evaluate import evaluate
-
-                    evaluate(components, lora_file, data, cfg, device, tracker, output_dir / "eval")
+                    eval_metrics = evaluate_variant(components, lora_file, data, cfg, device, tracker, output_dir)
+            if not (cfg.trainer.save_lora and cfg.eval.enabled):
+                tracker.set_tags({"eval_status": "off"})
+            no_effect = no_effect or no_effect_reason(cfg, components, eval_metrics)
+            if no_effect:
+                tracker.set_tags({"no_effect": "true", "no_effect_reason": no_effect})
+                log.warning("variant %s: no effect: %s", run_name, no_effect)
             tracker.set_status("ok")
             log.info("variant %s: ok, final loss %.4f, %s", run_name, result.final_loss, peak)
             return result.final_loss
         except Exception as err:  # noqa: BLE001 - a failing variant must never stop the sweep
             status = "oom" if is_oom(err) else "failed"
-            tracker.log_metrics(guard.peak())
+            if guard is not None:
+                tracker.log_metrics(guard.peak())
             tracker.set_status(status, error=f"{type(err).__name__}: {err}")
             tracker.log_text(traceback.format_exc(), "error.txt")
             log.error("variant %s: %s: %s: %s", run_name, status, type(err).__name__, err)
             return None
         finally:
             del components
-            guard.release()
+            if guard is not None:
+                guard.release()
+
+
+def evaluate_variant(components, lora_file: Path, data, cfg: Config, device: torch.device, tracker: Tracker,
+                     output_dir: Path) -> dict[str, float]:
+    """The evaluation as an outcome of its own: a failure is recorded (`eval_status=failed`,
+    `eval_error`, `eval_error.txt`) and leaves the trained variant's status and LoRA as they are."""
+    from .evaluate import evaluate
+
+    try:
+        metrics = evaluate(components, lora_file, data, cfg, device, tracker, output_dir / "eval")
+    except Exception as err:  # noqa: BLE001 - evaluation must not undo a finished training
+        if is_oom(err) and device.type == "cuda":
+            torch.cuda.empty_cache()
+        tracker.set_tags({"eval_status": "failed", "eval_error": f"{type(err).__name__}: {err}"[:5000]})
+        tracker.log_text(traceback.format_exc(), "eval_error.txt")
+        log.error("evaluation failed (the trained LoRA is kept; re-run with `python -m sdxl_ablate.evaluate "
+                  "--run-id %s`): %s: %s", tracker.run_id, type(err).__name__, err)
+        return {}
+    tracker.set_tags({"eval_status": "ok"})
+    return metrics
+
+
+def reevaluate(run_id: str, tracking, eval_overrides: list[str], device_name: Optional[str] = None) -> dict[str, float]:
+    """Evaluates a finished variant's run again, into the same run: its recorded config (with
+    `eval_overrides` applied, e.g. `eval=tiny` or `eval.steps=10`) and its logged LoRA file,
+    loaded into a fresh base model as users load it."""
+    import tempfile
+
+    from omegaconf import OmegaConf
+
+    from .config import Config, to_typed
+    from .lora import load_lora
+    from .train import DTYPES
+
+    with Tracker(tracking, "", "", run_id=run_id) as tracker:
+        run = tracker.client.get_run(run_id)
+        if run.data.tags.get("status") != "ok":
+            raise ValueError(f"run {run_id} has status {run.data.tags.get('status')!r}: only a variant that trained "
+                             "(status ok) can be evaluated")
+        with tempfile.TemporaryDirectory() as tmp:
+            recorded = OmegaConf.load(tracker.client.download_artifacts(run_id, "config.yaml", tmp))
+            cfg = to_typed(OmegaConf.merge(OmegaConf.structured(Config), recorded, eval_group_overrides(eval_overrides)))
+            lora_file = Path(tracker.client.download_artifacts(run_id, "lora/pytorch_lora_weights.safetensors", tmp))
+            device = resolve_device(device_name or cfg.device)
+            data = load_data(cfg.data)
+            components = load_components(cfg.model)
+            dtype = DTYPES[cfg.trainer.precision]
+            for module in (components.unet, components.text_encoder, components.text_encoder_2):
+                module.to(device, dtype)  # as after training: frozen weights in the compute dtype
+            load_lora(components.pipeline(), lora_file)
+            tracker.log_text(to_yaml(cfg), "eval/config.yaml")
+            metrics = evaluate_variant(components, lora_file, data, cfg, device, tracker,
+                                       Path(tmp) / "out")
+            reason = no_effect_reason(cfg, components, metrics) if metrics else None
+            if metrics:
+                tracker.set_tags({"no_effect": str(bool(reason)).lower(), **({"no_effect_reason": reason} if reason else {})})
+        return metrics
+
+
+def eval_group_overrides(overrides: list[str]):
+    """`eval=NAME` (a conf/eval file) and `eval.key=value` items -> one config to merge."""
+    from omegaconf import OmegaConf
+
+    conf = Path(__file__).resolve().parents[1] / "conf" / "eval"
+    merged = OmegaConf.create({})
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r}: expected eval=NAME or eval.KEY=VALUE")
+        if key == "eval":
+            path = conf / f"{value}.yaml"
+            if not path.is_file():
+                raise ValueError(f"eval={value!r}: no such option; options: {sorted(p.stem for p in conf.glob('*.yaml'))}")
+            merged = OmegaConf.merge(merged, {"eval": OmegaConf.load(path)})
+        elif key.startswith("eval."):
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        else:
+            raise ValueError(f"override {item!r}: only eval settings can change in a re-evaluation")
+    return merged

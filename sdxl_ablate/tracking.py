@@ -44,18 +44,27 @@ class Tracker:
     The status tag (ok/oom/nan/failed) is the caller's; the MLflow run status follows it.
     """
 
-    def __init__(self, cfg: TrackingConfig, experiment: str, run_name: str, tags: dict[str, str] | None = None):
+    def __init__(self, cfg: TrackingConfig, experiment: str, run_name: str, tags: dict[str, str] | None = None,
+                 run_id: str | None = None):
         self.uri = resolve_uri(cfg)
         self.client = MlflowClient(tracking_uri=self.uri)
-        self.experiment_id = get_or_create_experiment(self.client, cfg.experiment or experiment, cfg.artifact_root)
         self.run_name = run_name
         self._tags = dict(tags or {})
-        self.run_id: str | None = None
+        self.run_id: str | None = run_id  # given: log into this existing run (re-evaluation, resume)
         self.status = "failed"
+        if run_id is None:
+            self.experiment_id = get_or_create_experiment(self.client, cfg.experiment or experiment, cfg.artifact_root)
+        else:
+            run = self.client.get_run(run_id)
+            self.experiment_id = run.info.experiment_id
+            self.status = run.data.tags.get("status", "failed")  # kept unless the caller sets another
 
     def __enter__(self) -> "Tracker":
-        run = self.client.create_run(self.experiment_id, run_name=self.run_name, tags=self._tags)
-        self.run_id = run.info.run_id
+        if self.run_id is None:
+            run = self.client.create_run(self.experiment_id, run_name=self.run_name, tags=self._tags)
+            self.run_id = run.info.run_id
+        elif self._tags:
+            self.set_tags(self._tags)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
