@@ -34,7 +34,7 @@ from sdxl_ablate.models import build_tiny
 from sdxl_ablate.tracking import Tracker
 
 METRICS = {
-    "eval/heldout_loss", "eval/heldout_loss_base",
+    "eval/heldout_loss", "eval/heldout_loss_base", "eval/heldout_loss_delta", "eval/heldout_loss_delta_se",
     "eval/clip_style", "eval/clip_text", "eval/clip_style_base", "eval/clip_text_base",
     "eval/clip_style_lift", "eval/clip_text_lift",
 }
@@ -181,6 +181,8 @@ def test_evaluate_end_to_end(tmp_path, store):
     assert all(math.isfinite(v) for v in metrics.values())
     assert metrics["eval/heldout_loss"] != metrics["eval/heldout_loss_base"]
     assert metrics["eval/clip_style_lift"] == pytest.approx(metrics["eval/clip_style"] - metrics["eval/clip_style_base"])
+    assert metrics["eval/heldout_loss_delta"] == pytest.approx(metrics["eval/heldout_loss"] - metrics["eval/heldout_loss_base"])
+    assert metrics["eval/heldout_loss_delta_se"] > 0
     assert metrics["eval/clip_text_lift"] == pytest.approx(metrics["eval/clip_text"] - metrics["eval/clip_text_base"])
 
     n = 4  # 2 prompts x 2 seeds

@@ -1,0 +1,209 @@
+"""Issue 7: one sweep is one comparable set; every failure recorded; resources checked first."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from sdxl_ablate import preflight, runner
+from sdxl_ablate.config import TrackingConfig, to_typed, used_params
+from sdxl_ablate.sweep import PREFLIGHT_EXIT, SweepInfo
+
+from .conftest import ROOT, compose_config, tiny_overrides
+
+
+def typed(tmp_path, *extra: str):
+    return to_typed(compose_config(tiny_overrides(tmp_path, "study=unit", *extra)))
+
+
+def cli(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "sdxl_ablate", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def experiment_runs(tmp_path, experiment: str) -> list:
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name(experiment)
+    return [] if exp is None else client.search_runs([exp.experiment_id])
+
+
+# --- preflight ---------------------------------------------------------------------------------
+
+
+def test_preflight_with_a_missing_clip_model_stops_the_sweep_before_anything_trains(tmp_path):
+    # eval=default needs OpenCLIP ViT-L-14 weights, which are not in this offline cache.
+    args = [a for a in tiny_overrides(tmp_path, "study=pf", "trainer.max_steps=2") if a != "eval=off"]
+    proc = cli(tmp_path, "-m", *args, "lora.targets=attn,all")
+    assert proc.returncode == PREFLIGHT_EXIT, proc.stderr[-2000:]
+    assert "eval.clip_pretrained='laion2b_s32b_b82k'" in proc.stderr
+    assert "eval=tiny" in proc.stderr and "eval=off" in proc.stderr  # the offline alternatives
+    assert experiment_runs(tmp_path, "pf") == []  # no run, not even a parent
+    assert not list(tmp_path.rglob("*.safetensors")) and not (tmp_path / "multirun").exists()
+
+
+def test_preflight_names_every_missing_resource_and_its_offline_alternative(tmp_path):
+    cfg = typed(tmp_path, "model=sdxl_base", "model.pretrained=nobody/no-such-model", "data=naruto",
+                "eval=default", f"tracking.artifact_root={tmp_path}/a_file/artifacts")
+    (tmp_path / "a_file").write_text("not a folder")
+    found = preflight.problems([cfg, cfg])  # shared resources are checked and reported once
+    text = "\n".join(found)
+    assert len(found) == 4, text
+    assert "model.pretrained='nobody/no-such-model'" in text and "model=tiny" in text
+    assert "data.name='lambdalabs/naruto-blip-captions'" in text and "data=sample" in text
+    assert "eval.clip_pretrained='laion2b_s32b_b82k'" in text and "eval=tiny" in text
+    assert "tracking.artifact_root" in text and "a_file" in text
+    assert preflight.problems([typed(tmp_path)]) == []  # the offline tiny setup needs nothing
+
+
+def test_preflight_checks_local_paths_and_devices(tmp_path):
+    cfg = typed(tmp_path, "model=sdxl_base", f"model.pretrained={tmp_path}", "data=folder",
+                f"data.path={tmp_path}/nothing_here")
+    text = "\n".join(preflight.problems([cfg]))
+    assert "lacks" in text and "unet" in text  # a local model folder without the diffusers layout
+    assert "nothing_here" in text and "does not exist" in text
+    if not torch.cuda.is_available():
+        assert "no CUDA GPU is visible" in "\n".join(preflight.device_problems(typed(tmp_path, "device=cuda")))
+    assert preflight.device_problems(typed(tmp_path, "device=cpu")) == []
+
+
+# --- every job recorded, sweep identity, exit code ---------------------------------------------
+
+
+def test_a_variant_that_fails_before_loading_anything_is_recorded(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("needs a host without a GPU")
+    cfg = typed(tmp_path, "device=cuda")
+    assert runner.run(cfg, "early", tmp_path / "out", SweepInfo("s1")) is None
+    (run,) = experiment_runs(tmp_path, "unit")
+    assert run.info.status == "FAILED" and run.data.tags["status"] == "failed"
+    assert "device=cuda" in run.data.tags["error"]
+    assert run.data.tags["kind"] == "variant" and run.data.tags["sweep_id"] == "s1"
+
+
+@pytest.mark.slow
+def test_a_sweep_run_twice_is_two_sweeps_each_nested_under_its_parent(tmp_path):
+    args = [*tiny_overrides(tmp_path, "study=twice", "trainer.max_steps=2"), "lora.targets=attn,all", "lora.rank=0,4"]
+    for _ in range(2):
+        proc = cli(tmp_path, "-m", *args)
+        assert proc.returncode == 2, proc.stderr[-2000:]  # the two lora.rank=0 variants failed
+        assert "2 failed, 2 ok" in proc.stdout
+    runs = experiment_runs(tmp_path, "twice")
+    parents = {r.data.tags["sweep_id"]: r for r in runs if r.data.tags.get("kind") == "sweep"}
+    assert len(parents) == 2
+    for sweep_id, parent in parents.items():
+        children = [r for r in runs if r.data.tags.get("kind") == "variant" and r.data.tags["sweep_id"] == sweep_id]
+        assert len(children) == 4
+        assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}
+        assert sorted(r.data.tags["status"] for r in children) == ["failed", "failed", "ok", "ok"]
+        assert parent.data.tags["n_failed"] == "2" and parent.info.status == "FINISHED"
+
+
+# --- training and evaluation are separate outcomes ---------------------------------------------
+
+
+def test_a_failed_evaluation_keeps_the_trained_variant_and_can_be_rerun(tmp_path, monkeypatch):
+    from sdxl_ablate import evaluate as evaluate_mod
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CLIP weights unreadable")
+
+    monkeypatch.setattr(evaluate_mod, "evaluate", broken)
+    cfg = typed(tmp_path, "eval=tiny", "eval.steps=1", "trainer.max_steps=2")
+    assert runner.run(cfg, "v", tmp_path / "out") is not None  # training succeeded: its loss
+    (run,) = experiment_runs(tmp_path, "unit")
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    assert run.data.tags["status"] == "ok" and run.info.status == "FINISHED"
+    assert run.data.tags["eval_status"] == "failed" and "CLIP weights unreadable" in run.data.tags["eval_error"]
+    assert "train/final_loss" in run.data.metrics and "eval/heldout_loss" not in run.data.metrics
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "lora")] == ["lora/pytorch_lora_weights.safetensors"]
+
+    monkeypatch.undo()
+    metrics = runner.reevaluate(run.info.run_id, TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db"), [])
+    again = client.get_run(run.info.run_id)
+    assert again.data.tags["eval_status"] == "ok" and again.data.tags["status"] == "ok"
+    assert again.info.status == "FINISHED"
+    assert again.data.metrics["eval/heldout_loss"] == pytest.approx(metrics["eval/heldout_loss"])
+    assert again.data.metrics["eval/heldout_loss_base"] > 0 and "eval/clip_style" in again.data.metrics
+
+
+def test_reevaluation_gives_the_numbers_of_the_evaluation_after_training(tmp_path):
+    cfg = typed(tmp_path, "eval=tiny", "eval.steps=1", "trainer.max_steps=2")
+    runner.run(cfg, "v", tmp_path / "out")
+    (run,) = experiment_runs(tmp_path, "unit")
+    first = run.data.metrics
+    again = runner.reevaluate(run.info.run_id, TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db"), ["eval.steps=1"])
+    # fp32 on the CPU: the LoRA reloaded from its file gives the same held-out loss, pair for pair.
+    for key in ("eval/heldout_loss", "eval/heldout_loss_base", "eval/heldout_loss_delta", "eval/clip_style"):
+        assert again[key] == pytest.approx(first[key], rel=1e-6, abs=1e-7), key
+    with pytest.raises(ValueError, match="only eval settings"):
+        runner.reevaluate(run.info.run_id, TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db"), ["lora.rank=2"])
+
+
+# --- memory you can compare ---------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_training_peak_does_not_depend_on_the_order_of_the_sweep(tmp_path):
+    """CPU method: each phase starts from live memory (gc, heap trimmed, VmHWM reset), and the
+    setup/caching phase has its own numbers; so `all` measures the same first or second."""
+    peaks: dict[tuple[str, int], float] = {}
+    for order in ("all,attn", "attn,all"):
+        study = "order_" + order.replace(",", "_")
+        proc = cli(tmp_path, "-m", *tiny_overrides(tmp_path, f"study={study}", "trainer.max_steps=3"),
+                   f"lora.targets={order}")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        for position, run in enumerate(sorted((r for r in experiment_runs(tmp_path, study)
+                                               if r.data.tags["kind"] == "variant"), key=lambda r: r.info.start_time)):
+            assert "memory/precompute_peak_rss_gib" in run.data.metrics
+            peaks[(run.data.tags["lora.targets"], position)] = run.data.metrics["memory/peak_rss_gib"]
+    assert peaks[("all", 0)] == pytest.approx(peaks[("all", 1)], rel=0.03), peaks
+    assert peaks[("attn", 0)] == pytest.approx(peaks[("attn", 1)], rel=0.03), peaks
+
+
+# --- no effect, params of what ran -------------------------------------------------------------
+
+
+def test_no_effect_is_flagged_from_zero_b_matrices_or_a_change_within_noise(tmp_path):
+    from sdxl_ablate.lora import add_adapters
+    from sdxl_ablate.models import build_tiny
+
+    cfg = typed(tmp_path)
+    components = build_tiny()
+    add_adapters(components, cfg.lora)  # B starts at zero
+    assert "B matrix" in runner.no_effect_reason(cfg, components, {})
+    with torch.no_grad():
+        next(p for n, p in components.unet.named_parameters() if ".lora_B." in n).add_(0.1)
+    assert runner.no_effect_reason(cfg, components, {}) is None
+    noisy = {"eval/heldout_loss_base": 1.0, "eval/heldout_loss_delta": -0.01, "eval/heldout_loss_delta_se": 0.006}
+    assert "within noise" in runner.no_effect_reason(cfg, components, noisy)
+    clear = {**noisy, "eval/heldout_loss_delta_se": 0.002}
+    assert runner.no_effect_reason(cfg, components, clear) is None
+    tiny_change = {**clear, "eval/heldout_loss_delta": -5e-4, "eval/heldout_loss_delta_se": 1e-6}
+    assert "under 1e-03" in runner.no_effect_reason(cfg, components, tiny_change)
+
+
+def test_a_variant_that_barely_moves_is_tagged_no_effect(tmp_path):
+    # DoRA with Prodigy starts from a 1e-6 step size: two steps change the held-out loss by nothing.
+    cfg = typed(tmp_path, "variant=dora_prodigy", "eval=tiny", "eval.steps=1", "trainer.max_steps=2")
+    runner.run(cfg, "dora", tmp_path / "out")
+    (run,) = experiment_runs(tmp_path, "unit")
+    assert run.data.tags["status"] == "ok" and run.data.tags["no_effect"] == "true"
+    assert "held-out loss" in run.data.tags["no_effect_reason"]
+
+
+def test_params_record_only_what_ran(tmp_path):
+    params = used_params(typed(tmp_path))  # tiny model, sample data, eval off
+    assert params["model.kind"] == "tiny" and params["data.source"] == "sample"
+    assert not {"model.pretrained", "model.revision", "data.name", "data.path", "eval.clip_model"} & params.keys()
+    assert params["eval.enabled"] is False
+    hub = used_params(typed(tmp_path, "model=sdxl_base", "data=naruto", "eval=default"))
+    assert hub["model.pretrained"] == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert hub["data.name"] == "lambdalabs/naruto-blip-captions" and hub["eval.clip_model"] == "ViT-L-14"
+    assert "data.sample_size" not in hub and "data.path" not in hub
