@@ -181,7 +181,7 @@ def test_evaluate_end_to_end(tmp_path, store):
     assert all(math.isfinite(v) for v in metrics.values())
     assert metrics["eval/heldout_loss"] != metrics["eval/heldout_loss_base"]
     assert metrics["eval/clip_style_lift"] == pytest.approx(metrics["eval/clip_style"] - metrics["eval/clip_style_base"])
-    assert metrics["eval/heldout_loss_delta"] == pytest.approx(metrics["eval/heldout_loss"] - metrics["eval/heldout_loss_base"])
+    assert metrics["eval/heldout_loss_delta"] == pytest.approx(metrics["eval/heldout_loss"] - metrics["eval/heldout_loss_base"], abs=1e-6)
     assert metrics["eval/heldout_loss_delta_se"] > 0
     assert metrics["eval/clip_text_lift"] == pytest.approx(metrics["eval/clip_text"] - metrics["eval/clip_text_base"])
 
