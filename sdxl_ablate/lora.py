@@ -81,13 +81,13 @@ def count_trainable(components) -> int:
     return sum(p.numel() for m in lora_modules(components).values() for p in m.parameters() if p.requires_grad)
 
 
-def inference_adapter_config(config: PeftLoraConfig) -> dict:
+def inference_adapter_config(config: PeftLoraConfig | dict) -> dict:
     """The adapter config as saved with the weights: without dropout.
 
     Dropout is a training setting (the run's params keep it); saved, it would make a plain
     `load_lora_weights` rebuild Dropout modules, active in train mode, so that two generations
     with the same seed differ."""
-    return {**config.to_dict(), "lora_dropout": 0.0}
+    return {**(config.to_dict() if isinstance(config, PeftLoraConfig) else config), "lora_dropout": 0.0}
 
 
 def save_lora(components, out_dir: str | Path) -> Path:

@@ -14,6 +14,7 @@ import torch
 
 from .config import Config, flatten, to_yaml
 from .data import load_data
+from .export import log_kohya
 from .lora import save_lora
 from .memory import MemoryGuard, configure_allocator, is_oom
 from .models import load_components
@@ -87,6 +88,7 @@ def run(cfg: Config, run_name: str, output_dir: Path) -> float | None:
                 lora_file = save_lora(components, output_dir / "lora")
                 if cfg.tracking.log_weights:
                     tracker.log_artifact(lora_file, "lora")
+                    log_kohya(tracker, lora_file, run_name, components.unet.config, cfg.data.resolution)
                 if cfg.eval.enabled:
                     from .evaluate import evaluate
 
