@@ -218,9 +218,10 @@ def test_full_sdxl_unet_keys_are_real_module_names(full_sdxl, targets, modules):
     else:
         assert {"lora_unet_input_blocks_1_0_in_layers_2", "lora_unet_input_blocks_1_0_out_layers_3",
                 "lora_unet_input_blocks_1_0_emb_layers_1", "lora_unet_input_blocks_4_0_skip_connection",
-                "lora_unet_middle_block_2_0_in_layers_2", "lora_unet_output_blocks_8_0_skip_connection",
-                "lora_unet_input_blocks_7_1_proj_in", "lora_unet_output_blocks_2_1_ff_net_0_proj",
-                "lora_unet_output_blocks_3_1_ff_net_2"} <= keys.keys()
+                "lora_unet_middle_block_2_in_layers_2", "lora_unet_middle_block_0_emb_layers_1",
+                "lora_unet_output_blocks_8_0_skip_connection", "lora_unet_input_blocks_7_1_proj_in",
+                "lora_unet_middle_block_1_proj_out", "lora_unet_output_blocks_2_1_transformer_blocks_9_ff_net_0_proj",
+                "lora_unet_output_blocks_3_1_transformer_blocks_1_ff_net_2"} <= keys.keys()
         assert not any("input_blocks_3_" in k or "input_blocks_6_" in k for k in keys)  # downsamplers
 
 
@@ -350,7 +351,10 @@ def test_diffusers_file_has_canonical_names_and_no_dropout(tmp_path):
     pipe.load_lora_weights(str(tmp_path), weight_name=path.name)  # the plain call the README shows
     first = outputs(pipe.unet, pipe.text_encoder, pipe.text_encoder_2)
     second = outputs(pipe.unet, pipe.text_encoder, pipe.text_encoder_2)
-    assert pipe.unet.training  # built in code: train mode, where a saved dropout would be active
+    # peft creates the adapter's modules in train mode whatever the model's mode: a saved dropout
+    # would be an active Dropout here.
+    dropouts = [d for m in pipe.unet.modules() if hasattr(m, "lora_dropout") for d in m.lora_dropout.values()]
+    assert dropouts and all(isinstance(d, torch.nn.Identity) for d in dropouts)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
@@ -381,20 +385,6 @@ def test_old_files_convert_to_the_canonical_diffusers_file(tmp_path):
     load_lora(pipe, out)
     got = outputs(pipe.unet, pipe.text_encoder, pipe.text_encoder_2)
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
-
-
-def test_load_lora_catches_a_tensor_at_the_wrong_module(tmp_path):
-    trained = trained_like(LoraConfig(targets=Targets.attn))
-    path = save_lora(trained, tmp_path)
-    state = load_file(path)
-    q = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight"
-    k = q.replace("to_q", "to_k")
-    state[q], state[k] = state[k], state[q]
-    save_file(state, str(path), metadata=_meta(path))
-    from sdxl_ablate.lora import LoraLoadError
-
-    with pytest.raises(LoraLoadError, match="2 tensors with other values than saved"):
-        load_lora(build_tiny(SEED).pipeline(), path)
 
 
 # --- the command line and the runner ----------------------------------------------------------
