@@ -395,6 +395,12 @@ def test_bad_sources_fail_with_what_is_accepted(tmp_path, capsys):
     assert main(["no/such/file.safetensors", "--out", out]) == 2
     assert "neither an existing LoRA file nor an MLflow run id" in capsys.readouterr().err
     assert main(["0" * 32, "--out", out, "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]) == 2
+    assert "no MLflow store at" in capsys.readouterr().err
+    assert not (tmp_path / "m.db").exists()  # looking up creates no store
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(f"sqlite:///{tmp_path}/m.db").search_experiments()  # an empty store
+    assert main(["0" * 32, "--out", out, "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]) == 2
     assert "no such run" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["x", "--dtype", "fp8", "--out", out])
