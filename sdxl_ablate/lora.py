@@ -2,8 +2,10 @@
 
 Saved LoRAs are plain diffusers LoRA files (`pytorch_lora_weights.safetensors`) with the
 peft adapter config stored as metadata, so `StableDiffusionXLPipeline.load_lora_weights`
-restores rank, alpha, DoRA and dropout exactly. `load_lora` checks that every saved tensor
-arrived: a dropped key is an error, never a quiet partial (or base-model) run.
+restores rank, alpha and DoRA exactly; dropout is left out (a training setting), and
+text-encoder keys have one spelling whatever transformers version wrote them. `load_lora`
+checks, module by module, that every saved tensor arrived with its scale: a dropped key is an
+error, never a quiet partial (or base-model) run. The kohya-format export is export.py.
 """
 
 from __future__ import annotations
