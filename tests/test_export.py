@@ -152,6 +152,28 @@ def test_a_kohya_file_without_alpha_is_caught_by_the_check(tmp_path):
     assert (got["unet.out"] - expected["unet.out"]).abs().max() > 1e-2
 
 
+def test_kohya_tools_arithmetic_gives_the_trained_weight_delta(tmp_path):
+    """What ComfyUI / A1111 / sd-scripts compute from the file, written out independently of any
+    loader: delta W = alpha / rank * up @ down (convs flattened), per module, equals peft's delta."""
+    cfg = LoraConfig(targets=Targets.all, text_encoder=True, rank=2, alpha=8.0)
+    trained = trained_like(cfg)
+    tensors = load_file(write_kohya(save_lora(trained, tmp_path), tmp_path / "k.safetensors", "v",
+                                    unet_config=trained.unet.config, dtype=torch.float32))
+    block_map = kohya.sgm_block_map(trained.unet.config)
+    checked = 0
+    for component in ("unet", "text_encoder", "text_encoder_2"):
+        model = getattr(trained, component)
+        for name in adapted_names(model):
+            key = kohya.unet_key(name, block_map) if component == "unet" else kohya.text_encoder_key(component, name)
+            down, up = tensors[f"{key}.lora_down.weight"], tensors[f"{key}.lora_up.weight"]
+            scale = tensors[f"{key}.alpha"].item() / down.shape[0]
+            module = model.get_submodule(name)
+            delta = (scale * up.flatten(1) @ down.flatten(1)).reshape(module.base_layer.weight.shape)
+            torch.testing.assert_close(delta, module.get_delta_weight("default"), rtol=1e-5, atol=1e-7)
+            checked += 1
+    assert checked == len(tensors) // 3
+
+
 # --- names: derived from the config, and real SDXL module names ------------------------------
 
 
