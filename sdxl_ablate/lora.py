@@ -2,20 +2,27 @@
 
 Saved LoRAs are plain diffusers LoRA files (`pytorch_lora_weights.safetensors`) with the
 peft adapter config stored as metadata, so `StableDiffusionXLPipeline.load_lora_weights`
-restores rank, alpha, DoRA and dropout exactly. `load_lora` checks that every saved tensor
-arrived: a dropped key is an error, never a quiet partial (or base-model) run.
+restores rank, alpha and DoRA exactly; dropout is left out (a training setting), and
+text-encoder keys have one spelling whatever transformers version wrote them. `load_lora`
+checks, module by module, that every saved tensor arrived with its scale: a dropped key is an
+error, never a quiet partial (or base-model) run. The kohya-format export is export.py.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model_state_dict
+from peft.utils.other import get_pattern_key
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from .config import LoraConfig, Targets
+from .kohya import CLIP_ROOT, canonical_text_encoder_name
 
 # UNet module names (peft matches a name or a dotted suffix) for each `lora.targets` value.
 UNET_TARGETS: dict[Targets, tuple[str, ...]] = {
@@ -34,6 +41,8 @@ TEXT_ENCODER_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 _MAGNITUDE = "lora_magnitude_vector"
+# Where diffusers stores the adapter configs in a LoRA file's safetensors metadata.
+_METADATA_KEY = "lora_adapter_metadata"
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
 
@@ -74,6 +83,15 @@ def count_trainable(components) -> int:
     return sum(p.numel() for m in lora_modules(components).values() for p in m.parameters() if p.requires_grad)
 
 
+def inference_adapter_config(config: PeftLoraConfig | dict) -> dict:
+    """The adapter config as saved with the weights: without dropout.
+
+    Dropout is a training setting (the run's params keep it); saved, it would make a plain
+    `load_lora_weights` rebuild Dropout modules, active in train mode, so that two generations
+    with the same seed differ."""
+    return {**(config.to_dict() if isinstance(config, PeftLoraConfig) else config), "lora_dropout": 0.0}
+
+
 def save_lora(components, out_dir: str | Path) -> Path:
     """Writes the adapters as one diffusers LoRA file with their configs as metadata."""
     from diffusers import StableDiffusionXLPipeline
@@ -87,8 +105,10 @@ def save_lora(components, out_dir: str | Path) -> Path:
             # transformers' LoRA loader maps a DoRA magnitude only under its ".weight" name;
             # under peft's bare name it keeps the fresh magnitude and merely warns.
             state = {k + ".weight" if k.endswith(_MAGNITUDE) else k: v for k, v in state.items()}
+            # One spelling whatever transformers built (5.x's CLIPTextModel has no text_model level).
+            state = {canonical_text_encoder_name(k): v for k, v in state.items()}
         kwargs[f"{name}_lora_layers"] = state
-        kwargs[f"{name}_lora_adapter_metadata"] = module.peft_config["default"].to_dict()
+        kwargs[f"{name}_lora_adapter_metadata"] = inference_adapter_config(module.peft_config["default"])
     out_dir = Path(out_dir)
     StableDiffusionXLPipeline.save_lora_weights(out_dir, weight_name=LORA_FILE, **kwargs)
     return out_dir / LORA_FILE
@@ -103,33 +123,109 @@ def saved_state(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
     return out
 
 
-def _load_problems(saved: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor]) -> str:
-    """'' when the model's adapter holds exactly the saved tensors, else what differs.
+def saved_configs(path: str | Path) -> dict[str, dict]:
+    """{component: peft adapter config as saved} from a LoRA file's metadata ({} if it has none)."""
+    with safe_open(str(path), "pt") as f:
+        raw = (f.metadata() or {}).get(_METADATA_KEY)
+    out: dict[str, dict] = {}
+    for key, value in (json.loads(raw) if raw else {}).items():
+        component, field = key.split(".", 1)
+        out.setdefault(component, {})[field] = value
+    return out
 
-    Key names alone are not enough: a loader that fails to map a key leaves the freshly
-    initialised adapter tensor in place under the right name, with only a warning."""
-    missing = sorted(saved.keys() - loaded.keys())
-    unexpected = sorted(loaded.keys() - saved.keys())
-    # Compared in the model's dtype: a bf16 or fp16 pipeline holds the fp32 file rounded.
-    differ = sorted(k for k in saved.keys() & loaded.keys()
-                    if not torch.equal(saved[k].to(loaded[k].dtype), loaded[k].detach().cpu()))
+
+def adapter_scaling(config: dict, module_path: str, rank: int) -> float:
+    """The factor peft multiplies this module's B @ A by: alpha / rank (alpha / sqrt(rank) with rsLoRA),
+    with the config's per-module alpha_pattern taken into account."""
+    alpha = config["lora_alpha"]
+    patterns = config.get("alpha_pattern") or {}
+    if patterns:
+        key = get_pattern_key(list(patterns), module_path)
+        alpha = patterns.get(key, alpha)
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """A peft key -> (module path, part): part is "lora_A", "lora_B" or "magnitude"."""
+    if key.endswith("." + _MAGNITUDE):
+        return key[: -len(_MAGNITUDE) - 1], "magnitude"
+    for part in ("lora_A", "lora_B"):
+        if key.endswith(f".{part}.weight"):
+            return key[: -len(part) - len(".weight") - 1], part
+    raise LoraLoadError(f"LoRA key {key!r} is none of <module>.lora_A.weight, <module>.lora_B.weight, "
+                        f"<module>.{_MAGNITUDE}")
+
+
+def find_module(model: torch.nn.Module, path: str) -> torch.nn.Module | None:
+    """The module at `path`, in either spelling of a CLIP text encoder's path (with or without
+    the `text_model.` level that transformers 4 has and 5 drops)."""
+    spellings = [path, path[len(CLIP_ROOT):] if path.startswith(CLIP_ROOT) else CLIP_ROOT + path]
+    for spelling in spellings:
+        try:
+            return model.get_submodule(spelling)
+        except AttributeError:
+            continue
+    return None
+
+
+def _adapter_tensor(module: torch.nn.Module, part: str, adapter: str) -> torch.Tensor:
+    if part == "magnitude":
+        return module.lora_magnitude_vector[adapter].weight
+    return getattr(module, part)[adapter].weight
+
+
+def _load_problems(model: torch.nn.Module, saved: dict[str, torch.Tensor], config: dict | None,
+                   adapter: str) -> str:
+    """'' when the model's adapter holds exactly the saved tensors at the saved modules (and,
+    given the saved config, applies the saved scale), else what differs.
+
+    Checked module by module and by value, not by key spelling: a loader that fails to map a
+    key leaves the freshly initialised adapter tensor in place under the right name, with only
+    a warning; and the same module may be spelled two ways (see find_module)."""
+    from peft.tuners.lora import LoraLayer
+
+    missing, differ, scale = [], [], []
+    found: set[tuple[int, str]] = set()
+    for key, tensor in saved.items():
+        path, part = split_key(key)
+        module = find_module(model, path)
+        try:
+            loaded = _adapter_tensor(module, part, adapter)
+        except (AttributeError, KeyError, TypeError):
+            missing.append(key)
+            continue
+        found.add((id(module), part))
+        # Compared in the model's dtype: a bf16 or fp16 pipeline holds the fp32 file rounded.
+        if loaded.shape != tensor.shape or not torch.equal(tensor.to(loaded.dtype), loaded.detach().cpu()):
+            differ.append(key)
+        if part == "lora_A" and config is not None:
+            expected = adapter_scaling(config, path, tensor.shape[0])
+            if not math.isclose(module.scaling[adapter], expected, rel_tol=1e-6):
+                scale.append(f"{path}: {module.scaling[adapter]} instead of {expected}")
+    unexpected = [
+        f"{name}.{part}" for name, module in model.named_modules() if isinstance(module, LoraLayer)
+        for part in ("lora_A", "lora_B", "magnitude")
+        if adapter in (module.lora_magnitude_vector if part == "magnitude" else getattr(module, part))
+        and (id(module), part) not in found
+    ]
     parts = [f"{len(v)} {what} (e.g. {v[:2]})" for what, v in
              (("saved tensors missing", missing), ("adapter tensors not in the file", unexpected),
-              ("tensors with other values than saved", differ)) if v]
+              ("tensors with other values than saved", differ), ("modules with another scale", scale)) if v]
     return "; ".join(parts)
 
 
 def load_lora(pipe, path: str | Path, adapter_name: str = "variant", fuse: bool = False) -> None:
-    """`pipe.load_lora_weights` plus the checks it lacks: every key loaded, inference mode.
+    """`pipe.load_lora_weights` plus the checks it lacks: every tensor loaded, scale, inference mode.
 
-    Raises LoraLoadError naming the missing keys if any saved tensor did not reach the model.
+    Raises LoraLoadError naming what differs if any saved tensor did not reach its module.
     """
     path = Path(path)
     if not path.is_file():
         raise LoraLoadError(f"LoRA file {path} does not exist")
     pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter_name)
+    configs = saved_configs(path)
     for component, saved in saved_state(path).items():
-        problems = _load_problems(saved, get_peft_model_state_dict(getattr(pipe, component), adapter_name=adapter_name))
+        problems = _load_problems(getattr(pipe, component), saved, configs.get(component), adapter_name)
         if problems:
             raise LoraLoadError(f"LoRA {path} did not load completely into {component}: {problems}")
     for component in ("unet", *TEXT_ENCODERS):

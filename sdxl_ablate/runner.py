@@ -19,6 +19,7 @@ import torch
 
 from .config import Config, to_yaml, used_params
 from .data import load_data
+from .export import log_kohya
 from .lora import lora_b_all_zero, save_lora
 from .memory import MemoryGuard, configure_allocator, is_oom
 from .models import load_components
@@ -132,6 +133,7 @@ def run(cfg: Config, run_name: str, output_dir: Path, sweep: Optional[SweepInfo]
                 lora_file = save_lora(components, output_dir / "lora")
                 if cfg.tracking.log_weights:
                     tracker.log_artifact(lora_file, "lora")
+                    log_kohya(tracker, lora_file, run_name, components.unet.config, cfg.data.resolution)
                 if cfg.eval.enabled:
                     eval_metrics = evaluate_variant(components, lora_file, data, cfg, device, tracker, output_dir)
             if not (cfg.trainer.save_lora and cfg.eval.enabled):

@@ -90,8 +90,10 @@ def test_round_trip_is_exact(cfg, tmp_path):
         assert torch.equal(got[i], expected[i])
         assert torch.equal(got[i], base[i]) != cfg.text_encoder  # changed only when trained
     loaded = pipe.unet.peft_config["variant"]
+    # Dropout is a training setting: the saved adapter config has none, so a plain
+    # load_lora_weights gives the same image twice.
     assert (loaded.r, loaded.lora_alpha, loaded.use_dora, loaded.lora_dropout) == (
-        cfg.rank, cfg.alpha, cfg.use_dora, cfg.dropout)
+        cfg.rank, cfg.alpha, cfg.use_dora, 0.0)
 
 
 def test_target_table_matches_modules_exactly():

@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from sdxl_ablate import runner
 from sdxl_ablate.config import to_typed
+from sdxl_ablate.export import kohya_filename
 
 from .conftest import ROOT, compose_config, tiny_overrides
 
@@ -51,7 +52,8 @@ def test_sweep_runs_one_mlflow_run_per_variant_and_survives_a_bad_one(tmp_path):
         assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 3
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"config.yaml", "lora"} <= artifacts
-        assert [a.path for a in client.list_artifacts(run.info.run_id, "lora")] == ["lora/pytorch_lora_weights.safetensors"]
+        assert sorted(a.path for a in client.list_artifacts(run.info.run_id, "lora")) == sorted(
+            ["lora/pytorch_lora_weights.safetensors", f"lora/{kohya_filename(name)}"])
     attn = next(r for n, r in runs.items() if "rank=4,lora.targets=attn" in n)
     all_ = next(r for n, r in runs.items() if "rank=4,lora.targets=all" in n)
     assert all_.data.metrics["params/trainable"] > attn.data.metrics["params/trainable"]
