@@ -17,7 +17,8 @@ from .data import load_data
 from .lora import save_lora
 from .memory import MemoryGuard, configure_allocator, is_oom
 from .models import load_components
-from .tracking import Tracker
+from .journal import JournalingTracker
+from .pickup import Plan, VariantBusy, plan_variant
 from .train import train
 
 log = logging.getLogger(__name__)
@@ -48,13 +49,32 @@ def variant_tags(cfg: Config) -> dict[str, str]:
 
 
 def run(cfg: Config, run_name: str, output_dir: Path) -> float | None:
-    """Runs one variant; returns its final training loss (the sweep metric), None if it failed."""
+    """Runs one variant; returns its final training loss (the sweep metric), None if it failed.
+    A variant already finished with this config is skipped; an interrupted one resumes (pickup.py)."""
     output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        plan = plan_variant(cfg, run_name)
+    except VariantBusy as err:  # another live process trains this very config: leave it to that one
+        log.error("%s", err)
+        return None
+    if plan.action == "skip":
+        plan.release()
+        return plan.result
+    try:
+        return run_planned(cfg, run_name, output_dir, plan)
+    finally:
+        plan.release()
+
+
+def run_planned(cfg: Config, run_name: str, output_dir: Path, plan: Plan) -> float | None:
     device = resolve_device(cfg.device)
     configure_allocator(cfg.memory.expandable_segments)
     guard = MemoryGuard(cfg.memory.budget_gib, device, cfg.memory.enforce)
-    with Tracker(cfg.tracking, cfg.study, run_name, tags=variant_tags(cfg)) as tracker:
-        tracker.log_params(flatten(cfg))
+    # MLflow, or the run's own journal when MLflow fails: training never stops for tracking.
+    with JournalingTracker(cfg.tracking, cfg.study, run_name, output_dir, tags={**variant_tags(cfg), **plan.tags},
+                           run_id=plan.run_id) as tracker:
+        plan.opened(tracker, tracker.uri)
+        tracker.log_params(plan.params_to_log(flatten(cfg), tracker))
         tracker.log_text(to_yaml(cfg), "config.yaml")
         tracker.set_tags({"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                           "output_dir": str(output_dir)})
@@ -67,7 +87,11 @@ def run(cfg: Config, run_name: str, output_dir: Path) -> float | None:
             if data.skipped:
                 tracker.log_text("\n".join(data.skipped), "data/skipped_images.txt")
             components = load_components(cfg.model)
-            result = train(components, data, cfg, device, tracker.log_metrics, guard.peak)
+            checkpointer = plan.checkpointer(cfg)
+            result = train(components, data, cfg, device, plan.metrics_logger(tracker.log_metrics), guard.peak,
+                           checkpointer=checkpointer)
+            if checkpointer.failures:
+                tracker.set_tags({"checkpoint.errors": " | ".join(checkpointer.failures)[:5000]})
             peak = guard.peak()
             fits = guard.fits(peak)
             tracker.log_metrics({
@@ -92,6 +116,7 @@ def run(cfg: Config, run_name: str, output_dir: Path) -> float | None:
 
                     evaluate(components, lora_file, data, cfg, device, tracker, output_dir / "eval")
             tracker.set_status("ok")
+            plan.finished(tracker.run_id, result.final_loss, output_dir)
             log.info("variant %s: ok, final loss %.4f, %s", run_name, result.final_loss, peak)
             return result.final_loss
         except Exception as err:  # noqa: BLE001 - a failing variant must never stop the sweep

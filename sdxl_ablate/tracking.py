@@ -44,16 +44,23 @@ class Tracker:
     The status tag (ok/oom/nan/failed) is the caller's; the MLflow run status follows it.
     """
 
-    def __init__(self, cfg: TrackingConfig, experiment: str, run_name: str, tags: dict[str, str] | None = None):
+    def __init__(self, cfg: TrackingConfig, experiment: str, run_name: str, tags: dict[str, str] | None = None,
+                 run_id: str | None = None):
         self.uri = resolve_uri(cfg)
         self.client = MlflowClient(tracking_uri=self.uri)
         self.experiment_id = get_or_create_experiment(self.client, cfg.experiment or experiment, cfg.artifact_root)
         self.run_name = run_name
         self._tags = dict(tags or {})
-        self.run_id: str | None = None
+        self.run_id: str | None = run_id  # given: reopen that run (a resume) instead of creating one
         self.status = "failed"
 
     def __enter__(self) -> "Tracker":
+        if self.run_id is not None:
+            # A resumed variant continues its own run: one run, its metric history goes on.
+            self.client.update_run(self.run_id, status="RUNNING")
+            if self._tags:
+                self.set_tags(self._tags)
+            return self
         run = self.client.create_run(self.experiment_id, run_name=self.run_name, tags=self._tags)
         self.run_id = run.info.run_id
         return self
