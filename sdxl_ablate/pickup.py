@@ -105,6 +105,16 @@ class Plan:
         """The run is open: remember its id here, so a later resume continues this run."""
         atomic_write_json(self.directory / RUN_RECORD, {"run_id": tracker.run_id, "tracking_uri": uri,
                                                         "config_hash": self.config_hash})
+        if self.action == "resume" and self.run_id is not None and not getattr(tracker, "failure", None):
+            # The reopened run's error (killed, failed) was that attempt's: keep it under another name.
+            try:
+                client = MlflowClient(tracking_uri=uri)
+                old = client.get_run(self.run_id).data.tags.get("error")
+                if old is not None:
+                    client.set_tag(self.run_id, "resume.previous_error", old)
+                    client.delete_tag(self.run_id, "error")
+            except Exception as err:  # noqa: BLE001 - bookkeeping only
+                log.warning("could not move the resumed run's previous error tag: %s", err)
 
     def params_to_log(self, params: dict[str, Any], tracker) -> dict[str, Any]:
         """A resumed run already has its params (MLflow refuses to change one): only new keys are
