@@ -240,7 +240,9 @@ def rng_state(generator: torch.Generator, rng: random.Random) -> dict[str, Any]:
     return {
         "python": rng.getstate(),
         "torch_cpu": torch.get_rng_state(),
-        "torch_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # Only once CUDA is in use: a CPU run must not start a CUDA context just to save its RNG
+        # (unused, it is what torch.manual_seed left, which a resumed run sets again).
+        "torch_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
         "generator": generator.get_state(),
     }
 

@@ -36,7 +36,7 @@ from typing import Any, Callable
 
 from mlflow.tracking import MlflowClient
 
-from .checkpoint import (META, CheckpointError, Checkpointer, ConfigMismatch, atomic_write_json,
+from .checkpoint import (META, Checkpointer, ConfigMismatch, atomic_write_json,
                          config_differences, latest_valid, list_checkpoints, verify)
 from .config import Config, config_hash, hashed_items
 from .tracking import resolve_uri
@@ -103,8 +103,12 @@ class Plan:
 
     def opened(self, tracker, uri: str) -> None:
         """The run is open: remember its id here, so a later resume continues this run."""
-        atomic_write_json(self.directory / RUN_RECORD, {"run_id": tracker.run_id, "tracking_uri": uri,
-                                                        "config_hash": self.config_hash})
+        try:
+            atomic_write_json(self.directory / RUN_RECORD, {"run_id": tracker.run_id, "tracking_uri": uri,
+                                                            "config_hash": self.config_hash})
+        except OSError as err:  # e.g. a full disk: training goes on; a resume would open a new run
+            log.error("could not record the run id in %s (%s): a resume of this variant will start a new "
+                      "MLflow run", self.directory / RUN_RECORD, err)
         if self.action == "resume" and self.run_id is not None and not getattr(tracker, "failure", None):
             # The reopened run's error (killed, failed) was that attempt's: keep it under another name.
             try:
@@ -143,8 +147,11 @@ class Plan:
         return logger
 
     def finished(self, run_id: str | None, final_loss: float, output_dir: Path) -> None:
-        atomic_write_json(self.directory / RESULT_RECORD, {"status": "ok", "run_id": run_id,
-                                                           "final_loss": final_loss, "output_dir": str(output_dir)})
+        try:
+            atomic_write_json(self.directory / RESULT_RECORD, {"status": "ok", "run_id": run_id,
+                                                               "final_loss": final_loss, "output_dir": str(output_dir)})
+        except OSError as err:  # the run is done and recorded in MLflow (or its journal) all the same
+            log.error("could not record the finished run in %s: %s", self.directory / RESULT_RECORD, err)
 
     def release(self) -> None:
         if self._lock is not None:

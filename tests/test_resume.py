@@ -269,6 +269,7 @@ def test_an_interrupted_variant_resumes_into_the_same_run_bitwise(tmp_path, monk
     run = runs[0]
     assert run.info.status == "FINISHED" and run.data.tags["status"] == "ok"
     assert run.data.tags["resumed_from"].endswith("step-00000002")
+    assert "error" not in run.data.tags and "Interrupt" in run.data.tags["resume.previous_error"]
     history = client.get_metric_history(run_id, "train/loss")
     assert sorted(m.step for m in history) == [0, 1, 2, 3, 4]  # every step once
     got = load_file(tmp_path / "out2/lora/pytorch_lora_weights.safetensors")
@@ -395,3 +396,22 @@ def test_the_latent_cache_round_trips_through_safetensors_exactly(tmp_path):
     assert built.prompt_embeds.keys() == loaded.prompt_embeds.keys() and "" in loaded.prompt_embeds
     for k in built.prompt_embeds:
         assert all(torch.equal(x, y) for x, y in zip(built.prompt_embeds[k], loaded.prompt_embeds[k]))
+
+
+def test_a_config_being_trained_by_a_live_process_is_left_to_it(tmp_path, caplog):
+    cfg = typed(tmp_path, "trainer.max_steps=1")
+    directory = variant_dir(cfg)
+    directory.mkdir(parents=True)
+    with open(directory / LOCK, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("pid 4242 on elsewhere\n")
+        held.flush()
+        assert runner.run(cfg, "variant", tmp_path / "out") is None
+    assert "being trained by another live process (pid 4242 on elsewhere)" in caplog.text
+    assert not (tmp_path / "mlflow.db").exists() or not runs_of_or_none(tmp_path)
+    assert not (tmp_path / "out" / "lora").exists()
+
+
+def runs_of_or_none(tmp_path):
+    exp = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_experiment_by_name("unit")
+    return None if exp is None else runs_of(tmp_path)[1]

@@ -26,8 +26,10 @@ FAST = ("data.resolution=64", "lora.rank=4", "lora.dropout=0.1", "data.flip=true
 LORA = "lora/pytorch_lora_weights.safetensors"
 
 
-def cli(tmp_path, i: int, kill_at: str, *extra: str) -> subprocess.CompletedProcess:
-    args = [sys.executable, "-m", "tests.kill_driver", *tiny_overrides(tmp_path, "study=kill", *FAST), *extra,
+def cli(tmp_path, i: int, kill_at: str, *extra: str, sweep: bool = False) -> subprocess.CompletedProcess:
+    """`python -m sdxl_ablate [-m] <overrides>`, SIGKILLed at `kill_at` (see kill_driver.py)."""
+    args = [sys.executable, "-m", "tests.kill_driver", *(["-m"] if sweep else []),
+            *tiny_overrides(tmp_path, "study=kill", *FAST), *extra,
             f"hydra.run.dir={tmp_path}/run{i}", f"hydra.sweep.dir={tmp_path}/multi{i}"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "KILL_AT": kill_at, "OMP_NUM_THREADS": "1"}
     return subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
@@ -77,7 +79,7 @@ def test_sigkill_anywhere_then_rerun_gives_the_uninterrupted_lora_bitwise_in_the
     assert [r.info.run_id for r in runs()] == [run_id]
 
     # 4. the sweep, with a second variant: the killed one resumes from step 6, the other trains
-    p = cli(tmp_path, 4, "", "-m", "lora.targets=attn,all")
+    p = cli(tmp_path, 4, "", "lora.targets=attn,all", sweep=True)
     assert p.returncode == 0, p.stderr[-3000:]
     by_target = {r.data.params["lora.targets"]: r for r in runs()}
     assert sorted(by_target) == ["all", "attn"] and len(runs()) == 2  # no duplicate of the resumed run
@@ -90,7 +92,7 @@ def test_sigkill_anywhere_then_rerun_gives_the_uninterrupted_lora_bitwise_in_the
     assert_same_lora(attn_job / LORA, ref / "out" / LORA)
 
     # 5. the same sweep again: both finished, both skipped, nothing trained, no new run
-    p = cli(tmp_path, 5, "", "-m", "lora.targets=attn,all")
+    p = cli(tmp_path, 5, "", "lora.targets=attn,all", sweep=True)
     assert p.returncode == 0, p.stderr[-3000:]
     out = p.stdout + p.stderr
     assert out.count("already finished with status ok") == 2, out[-3000:]
