@@ -365,6 +365,7 @@ class DataOrder:
 
 
 def batches(n: int, batch_size: int, rng: random.Random) -> DataOrder:
+    """Endless shuffled epochs of indices, cut into batches."""
     return DataOrder(n, batch_size, rng)
 
 

@@ -130,6 +130,30 @@ def test_resume_after_an_interruption_is_bitwise_equal_and_keeps_the_last_k(tmp_
     assert_bitwise_equal({k.removeprefix("unet."): v for k, v in state["train"]["lora"].items()}, want)
 
 
+@pytest.mark.parametrize("optimizer,lr,precision", [("prodigy", "1.0", "fp32"), ("adamw8bit", "1e-3", "fp32"),
+                                                    ("adamw", "1e-3", "fp16"), ("adamw", "1e-3", "bf16")])
+def test_every_optimizer_and_loss_scaler_resumes_bitwise(tmp_path, monkeypatch, optimizer, lr, precision):
+    cfg = typed(tmp_path, "trainer.max_steps=3", f"trainer.optimizer={optimizer}", f"trainer.lr={lr}",
+                f"trainer.precision={precision}")
+    data = load_data(cfg.data)
+    c = build_tiny(0)
+    reference = train_mod.train(c, data, cfg, torch.device("cpu"))
+    want = lora_of(c)
+    interrupt_after(monkeypatch, 2)
+    with pytest.raises(Interrupt):
+        train_mod.train(build_tiny(0), data, cfg, torch.device("cpu"),
+                        checkpointer=ck.Checkpointer(tmp_path / "ck", 1, 1, hashed_items(cfg)))
+    monkeypatch.undo()
+    state = ck.read_checkpoint(tmp_path / "ck" / "step-00000002")["train"]
+    if precision == "fp16":
+        assert state["scaler"]["scale"] > 0  # the loss scaler's state is in the checkpoint
+    c = build_tiny(0)
+    resumed = train_mod.train(c, data, cfg, torch.device("cpu"), checkpointer=ck.Checkpointer(
+        tmp_path / "ck", 1, 1, hashed_items(cfg), resume_from=tmp_path / "ck" / "step-00000002"))
+    assert resumed.losses == reference.losses
+    assert_bitwise_equal(lora_of(c), want)
+
+
 def test_a_failed_checkpoint_write_keeps_training_and_says_so(tmp_path, monkeypatch):
     cfg = typed(tmp_path, "trainer.max_steps=2")
     data = load_data(cfg.data)
