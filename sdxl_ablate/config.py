@@ -9,6 +9,8 @@ the composed config becomes a typed object and report every problem at once.
 from __future__ import annotations
 
 import enum
+import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,6 +148,17 @@ class TrainerConfig:
     # text-encoder LoRA, nor with LoRA dropout under checkpointing: the trainer says so).
     cuda_graphs: bool = True
     save_lora: bool = True
+    # Checkpoints and resume (README "Resuming and faults"). A checkpoint every N optimizer steps
+    # (null or 0: only at the end), the last `keep_checkpoints` kept, under
+    # <checkpoint_dir>/<study>/<config_hash>/ (default checkpoint_dir: <cwd>/checkpoints).
+    checkpoint_every: Optional[int] = 50
+    keep_checkpoints: int = 2
+    checkpoint_dir: Optional[str] = None
+    # auto: continue from the last good checkpoint of this config, if any | never: start afresh
+    # (earlier checkpoints of this config are removed) | a checkpoint directory to continue from.
+    resume: str = "auto"
+    # Run even when a finished run (status ok) of the same config hash exists in the experiment.
+    force: bool = False
 
 
 @dataclass
@@ -244,6 +257,16 @@ def cross_field_problems(cfg: Config) -> list[str]:
         p.append(f"trainer.snr_gamma={tr.snr_gamma}: must be > 0, or null for plain MSE")
     if tr.noise_offset < 0:
         p.append(f"trainer.noise_offset={tr.noise_offset}: must be >= 0")
+    if tr.checkpoint_every is not None and tr.checkpoint_every < 0:
+        p.append(f"trainer.checkpoint_every={tr.checkpoint_every}: must be >= 1, or 0/null for a checkpoint "
+                 "only at the end")
+    if tr.keep_checkpoints < 1:
+        p.append(f"trainer.keep_checkpoints={tr.keep_checkpoints}: must be >= 1 (the last K checkpoints are kept)")
+    if not tr.resume:
+        p.append("trainer.resume is empty: use auto, never, or a checkpoint directory")
+    elif tr.resume not in ("auto", "never") and tr.force:
+        p.append(f"trainer.resume={tr.resume} with trainer.force=true: force starts afresh; "
+                 "drop one of them")
     if tr.base_weights == BaseWeights.fp8 and lo.use_dora:
         p.append("trainer.base_weights=fp8 with lora.use_dora=true: DoRA needs the base weights "
                  "in a float dtype; use trainer.base_weights=compute")
@@ -267,6 +290,35 @@ def cache_root() -> Path:
     """Where the derived files live (tokenizer, sample dataset, latent cache):
     $SDXL_ABLATE_CACHE, else ~/.cache/sdxl_ablate."""
     return Path(os.environ.get("SDXL_ABLATE_CACHE") or Path.home() / ".cache" / "sdxl_ablate")
+
+
+# Keys that do not change the trained LoRA, left out of `config_hash`: where results are
+# recorded (tracking.*), how they are judged afterwards (eval.*), the study name (the
+# experiment they are filed under), the memory guard (it decides whether a run may go on, not
+# what it computes), and bookkeeping of the run itself. The CUDA speed switches are left out
+# too: they are documented as leaving the numbers as they are (README "Trainer defaults"), so a
+# run resumed with compile or graphs switched is the same training.
+HASH_EXCLUDED_PREFIXES = ("tracking.", "eval.", "memory.")
+HASH_EXCLUDED_KEYS = frozenset({
+    "study", "trainer.log_every", "trainer.cache_dir", "trainer.save_lora",
+    "trainer.checkpoint_every", "trainer.keep_checkpoints", "trainer.checkpoint_dir", "trainer.resume",
+    "trainer.force", "trainer.compile", "trainer.channels_last", "trainer.cuda_graphs",
+})
+
+
+def hashed_items(cfg: Config) -> dict[str, Any]:
+    """The flat config entries that decide the trained result (what `config_hash` hashes)."""
+    return {k: v for k, v in sorted(flatten(cfg).items())
+            if k not in HASH_EXCLUDED_KEYS and not k.startswith(HASH_EXCLUDED_PREFIXES)}
+
+
+def config_hash(cfg: Config) -> str:
+    """A stable 16-hex-digit hash of the resolved config's result-deciding entries.
+
+    Equal hashes mean the same training (same model, data, LoRA, trainer settings, seed,
+    device); see HASH_EXCLUDED_* for what is left out and why."""
+    blob = json.dumps(hashed_items(cfg), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def register_configs() -> None:

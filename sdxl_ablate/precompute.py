@@ -94,7 +94,7 @@ def cache_key(cfg: Config, examples: list[Example], with_prompts: bool, dtype: t
         "prompts": with_prompts,
         "dtype": str(dtype),
         "seed": cfg.trainer.seed,
-        "version": 1,
+        "version": 2,  # 2: safetensors instead of a pickle
     }
     h.update(json.dumps(ident, sort_keys=True).encode())
     for ex in examples:  # the content itself: a changed image or caption is a new cache
@@ -112,10 +112,10 @@ def build_cache(cfg: Config, components, examples: list[Example], with_prompts: 
     key = cache_key(cfg, examples, with_prompts, embed_dtype)
     if key in _MEMORY:
         return _MEMORY[key]
-    path = (cache_dir or cache_root() / "latents") / f"{key}.pt"
+    path = (cache_dir or cache_root() / "latents") / f"{key}.safetensors"
     if path.is_file():
         log.info("latent cache hit: %s", path)
-        cache = torch.load(path, weights_only=False)
+        cache = load_cache(path)
         _MEMORY[key] = cache
         return cache
 
@@ -146,11 +146,51 @@ def build_cache(cfg: Config, components, examples: list[Example], with_prompts: 
     cache = LatentCache(items, prompt_embeds)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(cache, tmp)
+    save_cache(cache, tmp)
     tmp.replace(path)  # atomic: a concurrent sweep never reads half a file
     _MEMORY[key] = cache
     log.info("latent cache written: %s (%d images)", path, len(items))
     return cache
+
+
+def save_cache(cache: LatentCache, path: Path) -> None:
+    """One safetensors file: the posteriors and prompt embeddings as tensors, captions and time
+    ids as JSON in its metadata. Loading it unpickles nothing (a cache dir may be shared)."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    items = []
+    for i, variants in enumerate(cache.items):
+        items.append([{"caption": p.caption, "time_ids": list(p.time_ids)} for p in variants])
+        for j, p in enumerate(variants):
+            tensors[f"item.{i}.{j}.mean"], tensors[f"item.{i}.{j}.std"] = _own(p.mean), _own(p.std)
+    prompts = None
+    if cache.prompt_embeds is not None:
+        prompts = sorted(cache.prompt_embeds)
+        for k, prompt in enumerate(prompts):
+            embeds, pooled = cache.prompt_embeds[prompt]
+            tensors[f"prompt.{k}.embeds"], tensors[f"prompt.{k}.pooled"] = _own(embeds), _own(pooled)
+    save_file(tensors, str(path), metadata={"cache": json.dumps({"items": items, "prompts": prompts})})
+
+
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy: safetensors stores neither views of a shared batch nor strided tensors."""
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def load_cache(path: Path) -> LatentCache:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["cache"])
+        t = {k: f.get_tensor(k) for k in f.keys()}
+    items = [[Prepared(caption=v["caption"], time_ids=tuple(v["time_ids"]), mean=t[f"item.{i}.{j}.mean"],
+                       std=t[f"item.{i}.{j}.std"]) for j, v in enumerate(variants)]
+             for i, variants in enumerate(meta["items"])]
+    prompt_embeds = None
+    if meta["prompts"] is not None:
+        prompt_embeds = {p: (t[f"prompt.{k}.embeds"], t[f"prompt.{k}.pooled"]) for k, p in enumerate(meta["prompts"])}
+    return LatentCache(items, prompt_embeds)
 
 
 def _orientations(example: Example, flip: bool) -> list[Example]:

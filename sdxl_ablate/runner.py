@@ -22,7 +22,9 @@ from .data import load_data
 from .export import log_kohya
 from .lora import lora_b_all_zero, save_lora
 from .memory import MemoryGuard, configure_allocator, is_oom
+from .journal import JournalingTracker
 from .models import load_components
+from .pickup import Plan, VariantBusy, plan_variant
 from .sweep import SweepInfo, new_sweep_id
 from .tracking import Tracker
 from .train import Hooks, train
@@ -81,12 +83,32 @@ def no_effect_reason(cfg: Config, components, eval_metrics: dict[str, float]) ->
 
 
 def run(cfg: Config, run_name: str, output_dir: Path, sweep: Optional[SweepInfo] = None) -> float | None:
-    """Runs one variant; returns its final training loss (the sweep metric), None if it failed."""
+    """Runs one variant; returns its final training loss (the sweep metric), None if it failed.
+    A variant already finished with this config is skipped (and counted in this sweep as the
+    run it reuses); an interrupted one resumes into its own run (pickup.py)."""
     output_dir.mkdir(parents=True, exist_ok=True)
     sweep = sweep or SweepInfo(new_sweep_id())
+    try:
+        plan = plan_variant(cfg, run_name)
+    except VariantBusy as err:  # another live process trains this very config: leave it to that one
+        log.error("%s", err)
+        return None
+    try:
+        if plan.action == "skip":
+            sweep.record_reused(cfg.tracking, plan.run_id, run_name)
+            return plan.result
+        return run_planned(cfg, run_name, output_dir, plan, sweep)
+    finally:
+        plan.release()
+
+
+def run_planned(cfg: Config, run_name: str, output_dir: Path, plan: Plan, sweep: SweepInfo) -> float | None:
     configure_allocator(cfg.memory.expandable_segments)
-    with Tracker(cfg.tracking, cfg.study, run_name, tags={**variant_tags(cfg), **sweep.tags()}) as tracker:
-        tracker.log_params(used_params(cfg))
+    # MLflow, or the run's own journal when MLflow fails: training never stops for tracking.
+    with JournalingTracker(cfg.tracking, cfg.study, run_name, output_dir,
+                           tags={**variant_tags(cfg), **sweep.tags(), **plan.tags}, run_id=plan.run_id) as tracker:
+        plan.opened(tracker, tracker.uri)
+        tracker.log_params(plan.params_to_log(used_params(cfg), tracker))
         tracker.log_text(to_yaml(cfg), "config.yaml")
         tracker.set_tags({"output_dir": str(output_dir)})
         components, guard = None, None
@@ -110,8 +132,11 @@ def run(cfg: Config, run_name: str, output_dir: Path, sweep: Optional[SweepInfo]
                 tracker.log_metrics(precompute_peak)
                 guard.reset_peak()
 
-            result = train(components, data, cfg, device, tracker.log_metrics, guard.peak,
-                           hooks=Hooks(loop_start=training_starts))
+            checkpointer = plan.checkpointer(cfg)
+            result = train(components, data, cfg, device, plan.metrics_logger(tracker.log_metrics), guard.peak,
+                           hooks=Hooks(loop_start=training_starts), checkpointer=checkpointer)
+            if checkpointer.failures:
+                tracker.set_tags({"checkpoint.errors": " | ".join(checkpointer.failures)[:5000]})
             peak = guard.peak()
             fits = guard.fits(peak, precompute_peak)
             tracker.log_metrics({
@@ -143,6 +168,7 @@ def run(cfg: Config, run_name: str, output_dir: Path, sweep: Optional[SweepInfo]
                 tracker.set_tags({"no_effect": "true", "no_effect_reason": no_effect})
                 log.warning("variant %s: no effect: %s", run_name, no_effect)
             tracker.set_status("ok")
+            plan.finished(tracker.run_id, result.final_loss, output_dir)
             log.info("variant %s: ok, final loss %.4f, %s", run_name, result.final_loss, peak)
             return result.final_loss
         except Exception as err:  # noqa: BLE001 - a failing variant must never stop the sweep

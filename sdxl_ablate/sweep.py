@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 SWEEP_FILE = "sweep.json"
 # The exit code when the preflight stopped a run or sweep; 0-100 count the variants not ok.
 PREFLIGHT_EXIT = 101
+REUSED_TAG = "reused."  # on a sweep's parent run: reused.<run id> = run name
 # Set by SweepCallback.on_multirun_end in the launching process; read by __main__ for the exit code.
 last_failed: Optional[int] = None
 
@@ -43,6 +44,18 @@ class SweepInfo:
     sweep_id: str
     parent_run_id: Optional[str] = None
     n_jobs: int = 1
+
+    def record_reused(self, tracking: TrackingConfig, run_id: Optional[str], run_name: str) -> None:
+        """A variant skipped because an earlier sweep finished it with the same config: the parent
+        names the run it reuses (`reused.<run id>` = run name), so this sweep is still complete."""
+        log.info("variant %s: finished before with the same config (run %s): reused, not trained again",
+                 run_name, run_id)
+        if self.parent_run_id and run_id:
+            from mlflow.tracking import MlflowClient
+
+            from .tracking import resolve_uri
+
+            MlflowClient(resolve_uri(tracking)).set_tag(self.parent_run_id, f"{REUSED_TAG}{run_id}", run_name)
 
     def tags(self) -> dict[str, str]:
         """The tags that place a variant's run in its sweep."""
@@ -138,6 +151,10 @@ class SweepCallback(Callback):
         for run in children:
             status = run.data.tags.get("status", "unknown")
             counts[status] = counts.get(status, 0) + 1
+        reused = [k for k in client.get_run(info.parent_run_id).data.tags if k.startswith(REUSED_TAG)]
+        if reused:
+            counts["ok"] = counts.get("ok", 0) + len(reused)
+            counts["ok (reused)"] = len(reused)
         # A job that left no run at all (killed before it could record one) counts as failed too.
         last_failed = info.n_jobs - counts.get("ok", 0)
         client.set_tag(info.parent_run_id, "n_ok", counts.get("ok", 0))
@@ -145,7 +162,7 @@ class SweepCallback(Callback):
         client.set_tag(info.parent_run_id, "status", "ok" if last_failed == 0 else "failed")
         client.set_terminated(info.parent_run_id, "FINISHED")
         summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-        missing = info.n_jobs - len(children)
+        missing = info.n_jobs - len(children) - len(reused)
         print(f"\nsweep {info.sweep_id}: {info.n_jobs} variant(s): {summary}"
               + (f", {missing} without a run" if missing else "")
               + (f"; exit code {min(last_failed, 100)} (variants not ok)" if last_failed else ""))

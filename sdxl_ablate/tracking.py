@@ -50,7 +50,7 @@ class Tracker:
         self.client = MlflowClient(tracking_uri=self.uri)
         self.run_name = run_name
         self._tags = dict(tags or {})
-        self.run_id: str | None = run_id  # given: log into this existing run (re-evaluation, resume)
+        self.run_id: str | None = run_id  # given: reopen that run (a resume, a re-evaluation)
         self.status = "failed"
         if run_id is None:
             self.experiment_id = get_or_create_experiment(self.client, cfg.experiment or experiment, cfg.artifact_root)
@@ -60,11 +60,14 @@ class Tracker:
             self.status = run.data.tags.get("status", "failed")  # kept unless the caller sets another
 
     def __enter__(self) -> "Tracker":
-        if self.run_id is None:
-            run = self.client.create_run(self.experiment_id, run_name=self.run_name, tags=self._tags)
-            self.run_id = run.info.run_id
-        elif self._tags:
-            self.set_tags(self._tags)
+        if self.run_id is not None:
+            # A resumed variant continues its own run: one run, its metric history goes on.
+            self.client.update_run(self.run_id, status="RUNNING")
+            if self._tags:
+                self.set_tags(self._tags)
+            return self
+        run = self.client.create_run(self.experiment_id, run_name=self.run_name, tags=self._tags)
+        self.run_id = run.info.run_id
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

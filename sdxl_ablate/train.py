@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 from .config import BaseWeights, Config, Optimizer, Precision
 from .data import ImageTransform, LoadedData, pick_caption
-from .lora import add_adapters
+from .checkpoint import Checkpointer
+from .lora import add_adapters, lora_modules
 from .memory import store_base_weights_fp8
 from .precompute import build_cache, encode_images, encode_prompts, prepare_example, sample_latents
 
@@ -332,22 +333,62 @@ def graphs_usable(cfg: Config, device: torch.device) -> tuple[bool, str]:
     return True, "on"
 
 
-def batches(n: int, batch_size: int, rng: random.Random) -> Iterator[list[int]]:
+class DataOrder:
+    """Endless shuffled epochs of indices, cut into batches; resumable (`state_dict`).
+
+    The shuffles draw from the loop's shared `rng` (also used for crops, flips and caption
+    dropout), whose state the checkpoint keeps; this holds the rest of the current epoch."""
+
+    def __init__(self, n: int, batch_size: int, rng: random.Random):
+        self.n, self.batch_size, self.rng = n, batch_size, rng
+        self.pending: list[int] = []
+
+    def __iter__(self) -> "DataOrder":
+        return self
+
+    def __next__(self) -> list[int]:
+        while len(self.pending) < self.batch_size:
+            epoch = list(range(self.n))
+            self.rng.shuffle(epoch)
+            self.pending += epoch
+        batch, self.pending = self.pending[: self.batch_size], self.pending[self.batch_size :]
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"n": self.n, "batch_size": self.batch_size, "pending": list(self.pending)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if (state["n"], state["batch_size"]) != (self.n, self.batch_size):
+            raise ValueError(f"data order of {state['n']} images in batches of {state['batch_size']} cannot "
+                             f"continue with {self.n} images in batches of {self.batch_size}")
+        self.pending = list(state["pending"])
+
+
+def batches(n: int, batch_size: int, rng: random.Random) -> DataOrder:
     """Endless shuffled epochs of indices, cut into batches."""
-    order: list[int] = []
-    while True:
-        while len(order) < batch_size:
-            epoch = list(range(n))
-            rng.shuffle(epoch)
-            order += epoch
-        yield order[:batch_size]
-        order = order[batch_size:]
+    return DataOrder(n, batch_size, rng)
+
+
+@dataclass
+class TrainState:
+    """Everything the loop carries from one step to the next: what a checkpoint saves."""
+
+    named_params: dict[str, torch.nn.Parameter]  # the LoRA weights, by component-qualified name
+    optimizer: torch.optim.Optimizer
+    lr_schedule: object
+    scaler: torch.amp.GradScaler
+    generator: torch.Generator  # noise, timesteps and latent samples
+    rng: random.Random  # data order, crops, flips, caption dropout
+    order: DataOrder
+    result: TrainResult
+    step: int = 0  # optimizer steps done (counting skipped non-finite ones)
+    nonfinite_in_row: int = 0
 
 
 def train(components, data: LoadedData, cfg: Config, device: torch.device,
           log_metrics: Callable[[dict[str, float], int], None] = lambda m, s: None,
           memory_stats: Callable[[], dict[str, float]] = dict,
-          hooks: Hooks | None = None) -> TrainResult:
+          hooks: Hooks | None = None, checkpointer: Checkpointer | None = None) -> TrainResult:
     t, lo = cfg.trainer, cfg.lora
     hooks = hooks or Hooks()
     torch.manual_seed(t.seed)
@@ -418,9 +459,13 @@ def train(components, data: LoadedData, cfg: Config, device: torch.device,
     # --- the loop ----------------------------------------------------------------------------
     result = TrainResult(status="ok", images_per_step=t.batch_size * t.grad_accum)
     order = batches(len(data.train), t.batch_size, rng)
-    nonfinite_in_row = 0
+    named = {f"{comp}.{n}": p for comp, m in lora_modules(c).items() for n, p in m.named_parameters() if p.requires_grad}
+    state = TrainState(named, optimizer, lr_schedule, scaler, generator, rng, order, result)
+    # A resumed run continues exactly where the checkpoint left off (weights, optimizer, every RNG).
+    start = checkpointer.restore(state, len(data.train)) if checkpointer is not None else 0
     hooks.loop_start()
-    bar = tqdm(range(steps), desc=f"train {cfg.lora.targets.value}", unit="step", dynamic_ncols=True)
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"train {cfg.lora.targets.value}",
+               unit="step", dynamic_ncols=True)
     # A graph is captured off the default stream, and the warm-up steps whose backward made the
     # gradient accumulators must have run there too: with graphs the loop runs on a side stream.
     stream = contextlib.ExitStack()
@@ -433,7 +478,7 @@ def train(components, data: LoadedData, cfg: Config, device: torch.device,
             for micro in range(t.grad_accum):
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                     latents, embeds, pooled, time_ids = next_inputs(next(order))
-                if graphed is not None and step >= GRAPH_WARMUP_STEPS:
+                if graphed is not None and step >= start + GRAPH_WARMUP_STEPS:
                     noise, timesteps = draw_noise(latents, c.noise_scheduler.config.num_train_timesteps,
                                                   t.noise_offset, generator)
                     loss = graphed(latents, noise, timesteps, embeds, pooled, time_ids, micro_batch=micro,
@@ -463,24 +508,27 @@ def train(components, data: LoadedData, cfg: Config, device: torch.device,
                 torch.cuda.synchronize(device)  # honest step times: wait for the GPU
             elapsed = time.perf_counter() - started
 
+        state.step = step + 1
         if not finite:
             result.nonfinite_steps += 1
-            nonfinite_in_row += 1
+            state.nonfinite_in_row += 1
             result.losses.append(float("nan"))
-            log.warning("step %d: non-finite loss, step skipped (%d in a row)", step, nonfinite_in_row)
-            if nonfinite_in_row >= t.max_nonfinite_in_row:
+            log.warning("step %d: non-finite loss, step skipped (%d in a row)", step, state.nonfinite_in_row)
+            if state.nonfinite_in_row >= t.max_nonfinite_in_row:
                 result.status = "nan"
                 break
-            continue
-        nonfinite_in_row = 0
-        result.step_times.append(elapsed)
-        result.losses.append(step_loss)
-        result.steps = step + 1
+        else:
+            state.nonfinite_in_row = 0
+            result.step_times.append(elapsed)
+            result.losses.append(step_loss)
+            result.steps = step + 1
 
-        if step % t.log_every == 0 or step == steps - 1:
-            metrics = {"train/loss": step_loss, "train/lr": lr_schedule.get_last_lr()[0], **memory_stats()}
-            log_metrics(metrics, step)
-            bar.set_postfix(loss=f"{step_loss:.4f}")
+            if step % t.log_every == 0 or step == steps - 1:
+                metrics = {"train/loss": step_loss, "train/lr": lr_schedule.get_last_lr()[0], **memory_stats()}
+                log_metrics(metrics, step)
+                bar.set_postfix(loss=f"{step_loss:.4f}")
+        if checkpointer is not None:
+            checkpointer.after_step(state, steps, len(data.train))
     bar.close()
     stream.close()
     result.steps = len(result.losses)

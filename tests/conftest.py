@@ -41,6 +41,7 @@ def tiny_overrides(tmp_path: Path, *extra: str, precision: str | None = "fp32") 
         "model=tiny", "data=sample", "eval=off", "device=cpu", "trainer.max_steps=3",
         *([f"trainer.precision={precision}"] if precision else []),
         f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"tracking.artifact_root={tmp_path}/artifacts",
+        f"trainer.checkpoint_dir={tmp_path}/checkpoints",
         *extra,
     ]
 

@@ -1,0 +1,324 @@
+"""Before a variant trains: skip it if it already finished, resume it if it was interrupted.
+
+Each training is identified by its `config_hash` (config.py) and owns a stable directory,
+`<trainer.checkpoint_dir or <cwd>/checkpoints>/<study>/<config_hash>/`, which holds
+
+- `step-NNNNNNNN/`: its checkpoints (checkpoint.py),
+- `run.json`: the MLflow run it trains into, so a resume continues that run,
+- `result.json`: written when it finished with status ok (used when MLflow cannot be asked),
+- `lock`: held (flock) by the process training it; a free lock means nobody is.
+
+`plan_variant` decides, in this order:
+1. another live process holds the lock -> `VariantBusy` (never two writers of one directory);
+2. RUNNING MLflow runs of this experiment whose training process is gone (their lock is free)
+   are marked KILLED with the reason, unless they are the run resumed now;
+3. `trainer.force=true`: earlier checkpoints of this config are removed, a new run starts;
+4. a FINISHED run with status ok and this config hash (or a `result.json` with status ok) ->
+   skip, returning its recorded final loss;
+5. `trainer.resume`: `auto` -> the newest checkpoint that verifies (corrupt ones skipped),
+   `never` -> start afresh (this config's checkpoints are removed), a path -> that checkpoint
+   (its config must match: `ConfigMismatch` names the keys). The run named in `run.json` is
+   reopened unless it finished.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from mlflow.tracking import MlflowClient
+
+from .checkpoint import (META, Checkpointer, ConfigMismatch, atomic_write_json,
+                         config_differences, latest_valid, list_checkpoints, verify)
+from .config import Config, config_hash, hashed_items
+from .tracking import resolve_uri
+
+log = logging.getLogger(__name__)
+
+RUN_RECORD = "run.json"
+RESULT_RECORD = "result.json"
+LOCK = "lock"
+HASH_TAG = "config_hash"
+DIR_TAG = "checkpoint_dir"
+
+
+class VariantBusy(RuntimeError):
+    """Another live process is training the same config into the same checkpoint directory."""
+
+
+def checkpoint_root(cfg: Config) -> Path:
+    return Path(cfg.trainer.checkpoint_dir) if cfg.trainer.checkpoint_dir else Path.cwd() / "checkpoints"
+
+
+def variant_dir(cfg: Config, chash: str | None = None) -> Path:
+    return (checkpoint_root(cfg) / cfg.study / (chash or config_hash(cfg))).resolve()
+
+
+def _try_lock(path: Path):
+    """An open file holding an exclusive flock on `path`, or None if another process holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        return None
+    return f
+
+
+def _lock_owner(path: Path) -> str:
+    try:
+        return path.read_text().strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+@dataclass
+class Plan:
+    """What `runner.run` does with this variant, and the bookkeeping to do it."""
+
+    action: str  # skip | resume | start
+    config_hash: str
+    directory: Path
+    reason: str
+    run_id: str | None = None  # resume: the run to reopen; skip: the finished run
+    resume_from: Path | None = None
+    result: float | None = None  # skip: the recorded final loss
+    tags: dict[str, str] = field(default_factory=dict)  # for the run
+    logged_up_to: int = -1  # resume: the last step whose train/loss the run already has
+    _lock: Any = None
+
+    def checkpointer(self, cfg: Config) -> Checkpointer:
+        t = cfg.trainer
+        return Checkpointer(self.directory, t.checkpoint_every or None, t.keep_checkpoints, hashed_items(cfg),
+                            resume_from=self.resume_from)
+
+    def opened(self, tracker, uri: str) -> None:
+        """The run is open: remember its id here, so a later resume continues this run."""
+        try:
+            atomic_write_json(self.directory / RUN_RECORD, {"run_id": tracker.run_id, "tracking_uri": uri,
+                                                            "config_hash": self.config_hash})
+        except OSError as err:  # e.g. a full disk: training goes on; a resume would open a new run
+            log.error("could not record the run id in %s (%s): a resume of this variant will start a new "
+                      "MLflow run", self.directory / RUN_RECORD, err)
+        if self.action == "resume" and self.run_id is not None and not getattr(tracker, "failure", None):
+            # The reopened run's error (killed, failed) was that attempt's: keep it under another name.
+            try:
+                client = MlflowClient(tracking_uri=uri)
+                old = client.get_run(self.run_id).data.tags.get("error")
+                if old is not None:
+                    client.set_tag(self.run_id, "resume.previous_error", old)
+                    client.delete_tag(self.run_id, "error")
+            except Exception as err:  # noqa: BLE001 - bookkeeping only
+                log.warning("could not move the resumed run's previous error tag: %s", err)
+
+    def params_to_log(self, params: dict[str, Any], tracker) -> dict[str, Any]:
+        """A resumed run already has its params (MLflow refuses to change one): only new keys are
+        logged; keys outside the config hash that changed (e.g. eval.*) are recorded as a tag."""
+        if self.action != "resume" or tracker.run_id is None or getattr(tracker, "failure", None):
+            return params
+        try:
+            old = MlflowClient(tracking_uri=tracker.uri).get_run(tracker.run_id).data.params
+        except Exception:  # noqa: BLE001 - the tracker journals what cannot be written
+            return params
+        changed = {k: v for k, v in params.items() if k in old and old[k] != str(v)[:6000]}
+        if changed:
+            tracker.set_tags({"resume.changed_params": ", ".join(f"{k}={v}" for k, v in changed.items())[:5000]})
+        return {k: v for k, v in params.items() if k not in old}
+
+    def metrics_logger(self, log_metrics: Callable[..., None]) -> Callable[..., None]:
+        """A resumed run re-trains the steps after its last checkpoint: their per-step metrics are
+        already in the run's history, so they are not logged twice."""
+        up_to = self.logged_up_to
+
+        def logger(metrics: dict[str, float], step: int = 0) -> None:
+            if "train/loss" in metrics and step <= up_to:
+                return
+            log_metrics(metrics, step)
+
+        return logger
+
+    def finished(self, run_id: str | None, final_loss: float, output_dir: Path) -> None:
+        try:
+            atomic_write_json(self.directory / RESULT_RECORD, {"status": "ok", "run_id": run_id,
+                                                               "final_loss": final_loss, "output_dir": str(output_dir)})
+        except OSError as err:  # the run is done and recorded in MLflow (or its journal) all the same
+            log.error("could not record the finished run in %s: %s", self.directory / RESULT_RECORD, err)
+
+    def release(self) -> None:
+        if self._lock is not None:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
+            self._lock = None
+
+
+def _connect(cfg: Config, chash: str) -> tuple[MlflowClient | None, str | None, list, str]:
+    """The client, experiment id and this config's runs, or Nones and why: a store that cannot
+    be reached must not stop training (the run's records then go to its journal)."""
+    uri = resolve_uri(cfg.tracking)
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        exp = client.get_experiment_by_name(cfg.tracking.experiment or cfg.study)
+        if exp is None:
+            return client, None, [], ""
+        runs = list(client.search_runs([exp.experiment_id], filter_string=f"tags.{HASH_TAG} = '{chash}'"))
+        return client, exp.experiment_id, runs, ""
+    except Exception as err:  # noqa: BLE001
+        return None, None, [], f"{type(err).__name__}: {err}"
+
+
+def _reap(client, exp_id, keep, run_name, directory) -> None:
+    if client is None or exp_id is None:
+        return
+    try:
+        reap_dead_runs(client, exp_id, keep, run_name, directory)
+    except Exception as err:  # noqa: BLE001 - bookkeeping of other runs must not stop this one
+        log.error("could not check the experiment for runs left RUNNING by dead processes: %s", err)
+
+
+def reap_dead_runs(client: MlflowClient, exp_id: str, keep: str | None, seen_by: str, own_dir: Path) -> list[str]:
+    """Marks KILLED every RUNNING run of the experiment whose training process is gone (its
+    checkpoint directory's lock is free, or is ours: we hold `own_dir`'s lock); returns their
+    ids. Runs without a local lock file (another machine, or older code) are left alone:
+    nothing here can tell whether they live."""
+    killed = []
+    for run in client.search_runs([exp_id], filter_string="attributes.status = 'RUNNING'"):
+        rid = run.info.run_id
+        lock_dir = run.data.tags.get(DIR_TAG)
+        if rid == keep or not lock_dir or not (Path(lock_dir) / LOCK).exists():
+            continue
+        held = None if Path(lock_dir) == own_dir else _try_lock(Path(lock_dir) / LOCK)
+        if held is None and Path(lock_dir) != own_dir:
+            continue  # its process is alive
+        try:
+            why = (f"the process training this run ended without closing it (killed or crashed); found RUNNING "
+                   f"by variant {seen_by} at {time.strftime('%Y-%m-%d %H:%M:%S')}. Re-running the same command "
+                   "resumes it from its last checkpoint.")
+            client.set_tag(rid, "status", "killed")
+            client.set_tag(rid, "error", why)
+            client.set_terminated(rid, status="KILLED")
+            log.warning("run %s (%s) was left RUNNING by a dead process: marked KILLED", rid, run.info.run_name)
+            killed.append(rid)
+        finally:
+            if held is not None:
+                fcntl.flock(held, fcntl.LOCK_UN)
+                held.close()
+    return killed
+
+
+def _wipe(directory: Path) -> None:
+    for p in list_checkpoints(directory):
+        shutil.rmtree(p)
+    for name in (RUN_RECORD, RESULT_RECORD):
+        (directory / name).unlink(missing_ok=True)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def plan_variant(cfg: Config, run_name: str) -> Plan:
+    """Decides skip / resume / start for this variant (see the module docstring) and holds its lock."""
+    chash = config_hash(cfg)
+    directory = variant_dir(cfg, chash)
+    lock = _try_lock(directory / LOCK)
+    if lock is None:
+        raise VariantBusy(f"variant {run_name} (config hash {chash}) is being trained by another live process "
+                          f"({_lock_owner(directory / LOCK)}); its checkpoints are in {directory}")
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    lock.flush()
+    plan = Plan("start", chash, directory, "no earlier run of this config", _lock=lock,
+                tags={HASH_TAG: chash, DIR_TAG: str(directory)})
+    try:
+        _decide(plan, cfg, run_name)
+    except BaseException:
+        plan.release()
+        raise
+    return plan
+
+
+def _decide(plan: Plan, cfg: Config, run_name: str) -> None:
+    t, directory, chash = cfg.trainer, plan.directory, plan.config_hash
+    client, exp_id, runs, unreachable = _connect(cfg, chash)
+    if unreachable:
+        log.error("MLflow at %s cannot be reached (%s): deciding from %s alone", resolve_uri(cfg.tracking),
+                  unreachable, directory)
+    record = _read_json(directory / RUN_RECORD) or {}
+    # The run this directory trains into, when it is still in the store and not finished.
+    own = next((r for r in runs if r.info.run_id == record.get("run_id")), None)
+
+    if t.force:
+        _wipe(directory)
+        plan.reason = "trainer.force=true: trained again from the start"
+        _reap(client, exp_id, None, run_name, directory)
+        log.info("variant %s: %s", run_name, plan.reason)
+        return
+
+    finished = [r for r in runs if r.info.status == "FINISHED" and r.data.tags.get("status") == "ok"]
+    result = _read_json(directory / RESULT_RECORD)
+    if finished or (result or {}).get("status") == "ok":
+        plan.action = "skip"
+        if finished:
+            run = max(finished, key=lambda r: r.info.end_time or 0)
+            plan.run_id, plan.result = run.info.run_id, run.data.metrics.get("train/final_loss")
+            plan.reason = f"already finished with status ok in MLflow run {plan.run_id}"
+        else:
+            plan.run_id, plan.result = result.get("run_id"), result.get("final_loss")
+            plan.reason = (f"already finished with status ok ({directory / RESULT_RECORD}); its tracking records may "
+                           f"still be in {result.get('output_dir')}/tracking_journal: replay them with "
+                           f"python -m sdxl_ablate.replay {result.get('output_dir')}")
+        log.info("variant %s (config hash %s): %s; skipped (trainer.force=true trains it again)",
+                 run_name, chash, plan.reason)
+        _reap(client, exp_id, None, run_name, directory)
+        return
+
+    if t.resume == "never":
+        _wipe(directory)
+        plan.reason = "trainer.resume=never: started afresh"
+    elif t.resume == "auto":
+        path, skipped = latest_valid(directory)
+        if skipped:
+            plan.tags["resume.skipped_corrupt"] = " | ".join(skipped)[:5000]
+        if path is not None:
+            plan.action, plan.resume_from = "resume", path
+            plan.reason = f"resuming from {path}" + (f" ({len(skipped)} newer corrupt checkpoint(s) skipped)"
+                                                     if skipped else "")
+    else:
+        path = Path(t.resume).expanduser().resolve()
+        verify(path)  # an explicit checkpoint must be intact: no quiet fallback to another one
+        saved = json.loads((path / META).read_text())["state"]["config"]
+        diffs = config_differences(saved, hashed_items(cfg))
+        if diffs:
+            raise ConfigMismatch(path, diffs)
+        plan.action, plan.resume_from = "resume", path
+        plan.reason = f"resuming from {path} (trainer.resume)"
+        if path.parent != directory:
+            own = None  # another directory's run: this one trains into a run of its own
+
+    if own is not None:
+        # Continue the same MLflow run (resumed, or restarted from step 0 when no checkpoint was left).
+        plan.run_id = own.info.run_id
+        if plan.action == "start" and t.resume != "never":
+            plan.action, plan.reason = "resume", "no checkpoint was written: restarting from step 0 in the same run"
+        if plan.action == "resume":
+            history = client.get_metric_history(plan.run_id, "train/loss")
+            plan.logged_up_to = max((m.step for m in history), default=-1)
+        else:
+            plan.run_id = None
+    if plan.resume_from is not None:
+        plan.tags["resumed_from"] = str(plan.resume_from)
+    _reap(client, exp_id, plan.run_id, run_name, directory)
+    log.info("variant %s (config hash %s): %s", run_name, chash, plan.reason)

@@ -1,0 +1,48 @@
+"""`python -m tests.kill_driver <overrides>`: the real CLI, SIGKILLed at a chosen point.
+
+KILL_AT=after_step:N kills the process right after step N (and its checkpoint, if one was due);
+KILL_AT=in_write:N kills it in the middle of writing checkpoint N, after tearing the tensor file
+in half (what a kill during the write leaves). Used by test_resume_kill.py; no hook of this
+kind exists in the package itself.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from sdxl_ablate import checkpoint as ck
+
+
+def arm(kill_at: str) -> None:
+    kind, _, n = kill_at.partition(":")
+    if kind == "after_step":
+        real = ck.Checkpointer.after_step
+
+        def after_step(self, ts, total, n_train):
+            out = real(self, ts, total, n_train)
+            if ts.step == int(n):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return out
+
+        ck.Checkpointer.after_step = after_step
+    elif kind == "in_write":
+        real_save = ck.save_file
+
+        def save_file(tensors, filename, *args, **kwargs):
+            real_save(tensors, filename, *args, **kwargs)
+            if f".step-{int(n):08d}.tmp-" in str(filename):
+                os.truncate(filename, os.path.getsize(filename) // 2)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        ck.save_file = save_file
+    elif kind:
+        raise SystemExit(f"KILL_AT={kill_at!r}: expected after_step:N or in_write:N")
+
+
+if __name__ == "__main__":
+    import runpy
+
+    arm(os.environ.get("KILL_AT", ""))
+    # Exactly `python -m sdxl_ablate <overrides>` (Hydra finds conf/ from the __main__ module's file).
+    runpy.run_module("sdxl_ablate", run_name="__main__", alter_sys=True)
