@@ -90,19 +90,27 @@ def test_a_variant_that_fails_before_loading_anything_is_recorded(tmp_path):
 @pytest.mark.slow
 def test_a_sweep_run_twice_is_two_sweeps_each_nested_under_its_parent(tmp_path):
     args = [*tiny_overrides(tmp_path, "study=twice", "trainer.max_steps=2"), "lora.targets=attn,all", "lora.rank=0,4"]
-    for _ in range(2):
-        proc = cli(tmp_path, "-m", *args)
-        assert proc.returncode == 2, proc.stderr[-2000:]  # the two lora.rank=0 variants failed
-        assert "2 failed, 2 ok" in proc.stdout
+    first = cli(tmp_path, "-m", *args)
+    assert first.returncode == 2, first.stderr[-2000:]  # exit code: the two lora.rank=0 variants failed
+    assert "2 failed, 2 ok" in first.stdout
+    # Again: a new sweep; the two finished variants are reused, not trained (nor logged) again.
+    second = cli(tmp_path, "-m", *args)
+    assert second.returncode == 2, second.stderr[-2000:]
+    assert "2 failed, 2 ok, 2 ok (reused)" in second.stdout
     runs = experiment_runs(tmp_path, "twice")
-    parents = {r.data.tags["sweep_id"]: r for r in runs if r.data.tags.get("kind") == "sweep"}
-    assert len(parents) == 2
-    for sweep_id, parent in parents.items():
+    parents = sorted((r for r in runs if r.data.tags.get("kind") == "sweep"), key=lambda r: r.info.start_time)
+    assert len(parents) == 2 and parents[0].data.tags["sweep_id"] != parents[1].data.tags["sweep_id"]
+    trained = []
+    for parent in parents:
+        sweep_id = parent.data.tags["sweep_id"]
         children = [r for r in runs if r.data.tags.get("kind") == "variant" and r.data.tags["sweep_id"] == sweep_id]
-        assert len(children) == 4
         assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}
-        assert sorted(r.data.tags["status"] for r in children) == ["failed", "failed", "ok", "ok"]
         assert parent.data.tags["n_failed"] == "2" and parent.info.status == "FINISHED"
+        trained.append(sorted(r.data.tags["status"] for r in children))
+    assert trained == [["failed", "failed", "ok", "ok"], ["failed", "failed"]]
+    first_ok = {r.info.run_id for r in runs if r.data.tags.get("status") == "ok" and r.data.tags.get("kind") == "variant"}
+    reused = {k.removeprefix("reused.") for k in parents[1].data.tags if k.startswith("reused.")}
+    assert reused == first_ok and len(first_ok) == 2
 
 
 # --- training and evaluation are separate outcomes ---------------------------------------------
