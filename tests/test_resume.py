@@ -384,12 +384,14 @@ def test_a_full_artifact_disk_keeps_the_run_and_journals_only_the_artifacts(tmp_
     assert run.data.tags["tracking.journal"] == str(out / "tracking_journal/journal.jsonl")
     assert "lora" not in {a.path for a in client.list_artifacts(run.info.run_id)}
     records = [json.loads(x) for x in (out / "tracking_journal/journal.jsonl").read_text().splitlines()]
-    assert [r["op"] for r in records] == ["open", "log_artifact"]
+    assert [r["op"] for r in records] == ["open", "log_artifact", "log_artifact"]  # the diffusers and kohya files
     assert records[1]["path"] == str((out / "lora/pytorch_lora_weights.safetensors").resolve())
+    assert records[2]["path"] == str((out / "lora/variant_kohya.safetensors").resolve())
     monkeypatch.undo()  # the disk has room again
     assert replay_main([str(out)]) == 0
     run = client.get_run(run.info.run_id)
-    assert [a.path for a in client.list_artifacts(run.info.run_id, "lora")] == ["lora/pytorch_lora_weights.safetensors"]
+    assert sorted(a.path for a in client.list_artifacts(run.info.run_id, "lora")) == [
+        "lora/pytorch_lora_weights.safetensors", "lora/variant_kohya.safetensors"]
     assert "tracking.journal" not in run.data.tags and run.info.status == "FINISHED"
 
 
