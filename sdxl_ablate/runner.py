@@ -12,13 +12,14 @@ from pathlib import Path
 
 import torch
 
+from .basecache import acquire, release
 from .config import Config, flatten, to_yaml
 from .data import load_data
 from .lora import save_lora
 from .memory import MemoryGuard, configure_allocator, is_oom
-from .models import load_components
+from .phases import Phases
 from .tracking import Tracker
-from .train import train
+from .train import Hooks, train
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +50,15 @@ def variant_tags(cfg: Config) -> dict[str, str]:
 
 def run(cfg: Config, run_name: str, output_dir: Path) -> float | None:
     """Runs one variant; returns its final training loss (the sweep metric), None if it failed."""
+    phases = Phases()  # where the variant's time goes: time/* metrics and phases.json
     output_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     configure_allocator(cfg.memory.expandable_segments)
     guard = MemoryGuard(cfg.memory.budget_gib, device, cfg.memory.enforce)
-    with Tracker(cfg.tracking, cfg.study, run_name, tags=variant_tags(cfg)) as tracker:
+    with phases("logging"):
+        tracker = Tracker(cfg.tracking, cfg.study, run_name, tags=variant_tags(cfg))  # connects to the store
+    with tracker:
+        phases.instrument(tracker)
         tracker.log_params(flatten(cfg))
         tracker.log_text(to_yaml(cfg), "config.yaml")
         tracker.set_tags({"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -61,13 +66,18 @@ def run(cfg: Config, run_name: str, output_dir: Path) -> float | None:
         components = None
         guard.start()
         try:
-            data = load_data(cfg.data)
+            with phases("data"):
+                data = load_data(cfg.data)
             tracker.log_metrics({"data/train_images": len(data.train), "data/heldout_images": len(data.heldout),
                                  "data/skipped_images": len(data.skipped)})
             if data.skipped:
                 tracker.log_text("\n".join(data.skipped), "data/skipped_images.txt")
-            components = load_components(cfg.model)
-            result = train(components, data, cfg, device, tracker.log_metrics, guard.peak)
+            with phases("model_setup"):
+                components = acquire(cfg, device)  # the sweep's loaded base, or a fresh one
+            with phases("train_other"):
+                result = train(components, data, cfg, device, tracker.log_metrics, guard.peak,
+                               hooks=Hooks(loop_start=phases.mark("loop_start")))
+            phases.split_training(result)
             peak = guard.peak()
             fits = guard.fits(peak)
             tracker.log_metrics({
@@ -84,13 +94,15 @@ def run(cfg: Config, run_name: str, output_dir: Path) -> float | None:
                                    f"{cfg.trainer.max_nonfinite_in_row} in a row")
                 return None
             if cfg.trainer.save_lora:
-                lora_file = save_lora(components, output_dir / "lora")
+                with phases("saving"):
+                    lora_file = save_lora(components, output_dir / "lora")
                 if cfg.tracking.log_weights:
                     tracker.log_artifact(lora_file, "lora")
                 if cfg.eval.enabled:
                     from .evaluate import evaluate
 
-                    evaluate(components, lora_file, data, cfg, device, tracker, output_dir / "eval")
+                    with phases("evaluation"):
+                        evaluate(components, lora_file, data, cfg, device, tracker, output_dir / "eval")
             tracker.set_status("ok")
             log.info("variant %s: ok, final loss %.4f, %s", run_name, result.final_loss, peak)
             return result.final_loss
@@ -102,5 +114,9 @@ def run(cfg: Config, run_name: str, output_dir: Path) -> float | None:
             log.error("variant %s: %s: %s: %s", run_name, status, type(err).__name__, err)
             return None
         finally:
+            with phases("teardown"):
+                release(components)  # restored and verified for the next variant, or dropped
             del components
             guard.release()
+            tracker.log_metrics(phases.metrics())
+            phases.write(output_dir, run_name=run_name, run_id=tracker.run_id, status=tracker.status)
