@@ -142,6 +142,7 @@ def acquire(cfg: Config, device: torch.device | str) -> SDXLComponents:
         _CACHED = entry
     else:
         _CACHED = None  # this variant changes the base for good: it is its own copy now
+        stats.last_event += ", lent for this variant only"
         log.info("base model lent for this variant only (%s): the next variant loads a fresh one", why_not_shared(cfg))
     # A fresh training noise schedule per variant: diffusers' schedulers keep tensors they move
     # to the device as state.
@@ -162,6 +163,7 @@ def release(components: SDXLComponents | None) -> None:
         return  # not ours
     if not lease.shared:
         lease.entry.components = None  # type: ignore[assignment]
+        stats.last_verify_s, stats.differences = 0.0, []
         _collect(components)
         return
     started = time.perf_counter()
@@ -178,6 +180,12 @@ def release(components: SDXLComponents | None) -> None:
                     "the next variant loads a fresh one", len(differences), differences[:3])
         if _CACHED is lease.entry:
             drop()
+
+
+def last_use() -> dict:
+    """How the last variant got its base and what giving it back cost (for phases.json)."""
+    return {"event": stats.last_event, "verify_s": round(stats.last_verify_s, 4), "loads": stats.loads,
+            "reuses": stats.reuses, "changed": len(stats.differences)}
 
 
 def drop() -> None:

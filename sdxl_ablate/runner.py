@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .basecache import acquire, release
+from .basecache import acquire, last_use, release
 from .config import Config, flatten, to_yaml
 from .data import load_data
 from .lora import save_lora
@@ -119,4 +119,5 @@ def run(cfg: Config, run_name: str, output_dir: Path) -> float | None:
             del components
             guard.release()
             tracker.log_metrics(phases.metrics())
-            phases.write(output_dir, run_name=run_name, run_id=tracker.run_id, status=tracker.status)
+            phases.write(output_dir, run_name=run_name, run_id=tracker.run_id, status=tracker.status,
+                         device=str(device), base=last_use())
