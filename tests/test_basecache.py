@@ -158,12 +158,13 @@ def test_the_random_full_size_model_is_born_in_its_dtypes_and_repeats_for_its_se
     monkeypatch.setattr(models, "SDXL_TEXT_ENCODER_CONFIG", models._TINY_TEXT_ENCODER_CONFIG)
     monkeypatch.setattr(models, "SDXL_TEXT_ENCODER_2_CONFIG", models._TINY_TEXT_ENCODER_CONFIG)
     torch.manual_seed(1)
-    a = basecache.build_random_base(torch.device("cpu"), torch.bfloat16, torch.float32)
-    after = torch.rand(3)
+    expected = torch.rand(3)
     torch.manual_seed(1)
-    torch.rand(3)
+    a = basecache.build_random_base(torch.device("cpu"), torch.bfloat16, torch.float32)
+    assert torch.equal(torch.rand(3), expected)  # the global stream goes on as if nothing was built
+    torch.manual_seed(2)
+    torch.rand(7)
     b = basecache.build_random_base(torch.device("cpu"), torch.bfloat16, torch.float32)
-    assert torch.equal(torch.rand(3), after)  # the global stream went on as if nothing was built
     assert_bitwise_equal(state(a), state(b))
     assert {p.dtype for p in a.unet.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in a.text_encoder_2.parameters()} == {torch.bfloat16}
