@@ -195,13 +195,13 @@ def test_cli_variant_in_a_fresh_process_equals_it_after_another_in_a_sweep(tmp_p
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     common = [*tiny_overrides(tmp_path, "study=proc", "trainer.max_steps=2", "data.heldout=2")]
 
-    def cli(*args):
-        proc = subprocess.run([sys.executable, "-m", "sdxl_ablate", *common, *args], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=900)
+    def cli(*args, sweep=False):
+        proc = subprocess.run([sys.executable, "-m", "sdxl_ablate", *(["-m"] if sweep else []), *common, *args],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stderr[-3000:]
 
     cli("variant=attn", "hydra.run.dir=alone")
-    cli("-m", "variant=dora_prodigy,attn", "hydra.sweep.dir=sweep")
+    cli("variant=dora_prodigy,attn", "hydra.sweep.dir=sweep", sweep=True)
     alone = load_file(str(tmp_path / "alone" / "lora" / "pytorch_lora_weights.safetensors"))
     after = load_file(str(tmp_path / "sweep" / "1" / "lora" / "pytorch_lora_weights.safetensors"))
     assert_bitwise_equal(alone, after)
