@@ -297,7 +297,7 @@ def _dtype(name: str) -> torch.dtype:
 # --- verifying -----------------------------------------------------------------------------
 
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-_CHUNK = 1 << 22
+_CHUNK = 1 << 20  # elements per checksum pair: 8 MiB of int64 temporaries at a time
 _WEIGHTS: dict[str, torch.Tensor] = {}
 
 
@@ -305,8 +305,9 @@ def _position_weights(n: int, device: torch.device) -> torch.Tensor:
     key = str(device)
     w = _WEIGHTS.get(key)
     if w is None:
-        # Weights 1..65521 by position: a checksum that also changes when two values swap.
-        w = _WEIGHTS[key] = torch.arange(_CHUNK, device=device, dtype=torch.int64) % 65521 + 1
+        # Weights 1.._CHUNK by position: the weighted sum also changes when two values of a chunk swap
+        # (it moves by (x_i - x_j)(w_i - w_j), nonzero and far below 2^64; int64 sums wrap around).
+        w = _WEIGHTS[key] = torch.arange(1, _CHUNK + 1, device=device, dtype=torch.int64)
     return w[:n]
 
 
