@@ -207,3 +207,39 @@ def test_cli_variant_in_a_fresh_process_equals_it_after_another_in_a_sweep(tmp_p
     assert_bitwise_equal(alone, after)
     second = json.loads((tmp_path / "sweep" / "1" / "phases.json").read_text())
     assert second["base"]["event"] == "reused" and second["base"]["changed"] == 0
+
+
+@pytest.mark.slow
+def test_compiled_blocks_are_reused_by_a_later_variant_with_the_same_block_structure(monkeypatch):
+    """What basecache's docstring claims about dynamo within a process, checked with a counting
+    backend (the trainer compiles only on CUDA; the guards are the same on the CPU)."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounter
+
+    from sdxl_ablate.config import LoraConfig, Targets
+    from sdxl_ablate.lora import add_adapters, remove_adapters
+    from sdxl_ablate.train import compile_blocks, uncompile_blocks
+
+    counter = CompileCounter()
+    real = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: real(self, *a, **{**k, "backend": counter}))
+    torch._dynamo.reset()
+    c = build_tiny()
+    inputs = (torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 77, 64))
+    cond = {"text_embeds": torch.randn(1, 32), "time_ids": torch.zeros(1, 6)}
+
+    def variant(**lora) -> int:
+        add_adapters(c, LoraConfig(**lora))
+        compile_blocks(c.unet)
+        c.unet(*inputs, added_cond_kwargs=cond)
+        uncompile_blocks(c.unet)
+        remove_adapters(c)
+        return counter.frame_count
+
+    try:
+        first = variant(targets=Targets.attn)
+        assert first > 0
+        assert variant(targets=Targets.attn) == first  # same structure: nothing compiled again
+        assert variant(targets=Targets.attn, rank=8) > first  # other shapes: compiled once more
+    finally:
+        torch._dynamo.reset()
