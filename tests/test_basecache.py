@@ -243,3 +243,18 @@ def test_compiled_blocks_are_reused_by_a_later_variant_with_the_same_block_struc
         assert variant(targets=Targets.attn, rank=8) > first  # other shapes: compiled once more
     finally:
         torch._dynamo.reset()
+
+
+def test_compile_caches_go_under_the_cache_root_unless_set(monkeypatch, tmp_path):
+    import torch._inductor.config as inductor_config
+
+    from sdxl_ablate.config import cache_root
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "mine"))
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
+    dirs = basecache.enable_compile_caches()
+    assert dirs == {"TORCHINDUCTOR_CACHE_DIR": str(cache_root() / "compile" / "inductor"),
+                    "TRITON_CACHE_DIR": str(tmp_path / "mine")}  # a directory the user set wins
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == dirs["TORCHINDUCTOR_CACHE_DIR"]
+    assert inductor_config.fx_graph_cache is True
