@@ -15,6 +15,7 @@ Each configuration is a list of Hydra overrides, exactly what a user would type 
     python -m sdxl_ablate.bench --resolution 1024                 # the default set
     python -m sdxl_ablate.bench --resolution 512 --configs reference,fast
     python -m sdxl_ablate.bench --list
+    python -m sdxl_ablate.bench --study naruto_study [overrides]   # a whole study, per phase (studybench.py)
 """
 
 from __future__ import annotations
@@ -343,6 +344,11 @@ def predict_into(path: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    given = sys.argv[1:] if argv is None else argv
+    if any(a == "--study" or a.startswith("--study=") for a in given):  # a whole study through the CLI
+        from .studybench import main as study_main
+
+        return study_main(given)
     parser = argparse.ArgumentParser(prog="python -m sdxl_ablate.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--resolution", type=int, default=1024)
     parser.add_argument("--configs", default=",".join(DEFAULT_SET), help="comma-separated names (see --list)")

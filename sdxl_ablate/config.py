@@ -88,6 +88,9 @@ class ModelConfig:
     vae: Optional[str] = None
     # True only for a VAE that is safe in fp16; otherwise the VAE always runs in fp32.
     vae_fp16_safe: bool = False
+    # Keep the frozen base loaded between the variants of a sweep process (basecache.py):
+    # restored and verified bit for bit after each variant. false: load it for every variant.
+    keep_loaded: bool = True
 
 
 @dataclass

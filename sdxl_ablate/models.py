@@ -395,13 +395,16 @@ def build_sdxl_random(
     dtype: torch.dtype = torch.float32,
     with_text_encoders: bool = True,
     with_vae: bool = True,
+    vae_dtype: torch.dtype | None = None,
 ) -> SDXLComponents:
-    """The full-size SDXL-base architecture with random weights (no download), built in place."""
+    """The full-size SDXL-base architecture with random weights (no download), built in place;
+    the VAE in `vae_dtype` (default `dtype`), e.g. fp32 beside a bf16 UNet."""
     unet = build_unet("sdxl", device, dtype)
     vae = text_encoder = text_encoder_2 = None
-    with _build_on(device, dtype):
-        if with_vae:
+    if with_vae:
+        with _build_on(device, vae_dtype or dtype):
             vae = AutoencoderKL(**SDXL_VAE_CONFIG)
+    with _build_on(device, dtype):
         if with_text_encoders:
             text_encoder = CLIPTextModel(CLIPTextConfig(**SDXL_TEXT_ENCODER_CONFIG))
             text_encoder_2 = CLIPTextModelWithProjection(

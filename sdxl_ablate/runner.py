@@ -21,9 +21,11 @@ from .config import Config, to_yaml, used_params
 from .data import load_data
 from .export import log_kohya
 from .lora import lora_b_all_zero, save_lora
-from .memory import MemoryGuard, configure_allocator, is_oom
+from .basecache import acquire, last_use, release
 from .journal import JournalingTracker
+from .memory import MemoryGuard, configure_allocator, is_oom
 from .models import load_components
+from .phases import Phases
 from .pickup import Plan, VariantBusy, plan_variant
 from .sweep import SweepInfo, new_sweep_id
 from .tracking import Tracker
@@ -103,27 +105,34 @@ def run(cfg: Config, run_name: str, output_dir: Path, sweep: Optional[SweepInfo]
 
 
 def run_planned(cfg: Config, run_name: str, output_dir: Path, plan: Plan, sweep: SweepInfo) -> float | None:
+    phases = Phases()  # where the variant's time goes: time/* metrics and phases.json
     configure_allocator(cfg.memory.expandable_segments)
     # MLflow, or the run's own journal when MLflow fails: training never stops for tracking.
-    with JournalingTracker(cfg.tracking, cfg.study, run_name, output_dir,
-                           tags={**variant_tags(cfg), **sweep.tags(), **plan.tags}, run_id=plan.run_id) as tracker:
+    with phases("logging"):
+        tracker = JournalingTracker(cfg.tracking, cfg.study, run_name, output_dir,
+                                    tags={**variant_tags(cfg), **sweep.tags(), **plan.tags}, run_id=plan.run_id)
+    with tracker:
+        phases.instrument(tracker)
         plan.opened(tracker, tracker.uri)
         tracker.log_params(plan.params_to_log(used_params(cfg), tracker))
         tracker.log_text(to_yaml(cfg), "config.yaml")
         tracker.set_tags({"output_dir": str(output_dir)})
-        components, guard = None, None
+        components, guard, device = None, None, None
         try:
             device = resolve_device(cfg.device)
             tracker.set_tags({"device": device_tag(device)})
             guard = MemoryGuard(cfg.memory.budget_gib, device, cfg.memory.enforce)
             guard.start()
-            data = load_data(cfg.data)
+            with phases("data"):
+                data = load_data(cfg.data)
             tracker.log_metrics({"data/train_images": len(data.train), "data/heldout_images": len(data.heldout),
                                  "data/skipped_images": len(data.skipped)})
             if data.skipped:
                 tracker.log_text("\n".join(data.skipped), "data/skipped_images.txt")
-            components = load_components(cfg.model)
+            with phases("model_setup"):
+                components = acquire(cfg, device)  # the sweep's loaded base, or a fresh one
             precompute_peak: dict[str, float] = {}
+            mark_loop_start = phases.mark("loop_start")
 
             def training_starts() -> None:
                 # Setup and input caching are one phase, training the next: the training peak
@@ -131,10 +140,13 @@ def run_planned(cfg: Config, run_name: str, output_dir: Path, plan: Plan, sweep:
                 precompute_peak.update(guard.peak("memory/precompute_peak"))
                 tracker.log_metrics(precompute_peak)
                 guard.reset_peak()
+                mark_loop_start()
 
             checkpointer = plan.checkpointer(cfg)
-            result = train(components, data, cfg, device, plan.metrics_logger(tracker.log_metrics), guard.peak,
-                           hooks=Hooks(loop_start=training_starts), checkpointer=checkpointer)
+            with phases("train_other"):
+                result = train(components, data, cfg, device, plan.metrics_logger(tracker.log_metrics), guard.peak,
+                               hooks=Hooks(loop_start=training_starts), checkpointer=checkpointer)
+            phases.split_training(result)
             if checkpointer.failures:
                 tracker.set_tags({"checkpoint.errors": " | ".join(checkpointer.failures)[:5000]})
             peak = guard.peak()
@@ -155,12 +167,15 @@ def run_planned(cfg: Config, run_name: str, output_dir: Path, plan: Plan, sweep:
             no_effect = no_effect_reason(cfg, components, {})
             eval_metrics: dict[str, float] = {}
             if cfg.trainer.save_lora:
-                lora_file = save_lora(components, output_dir / "lora")
+                with phases("saving"):
+                    with phases("saving"):
+                    lora_file = save_lora(components, output_dir / "lora")
                 if cfg.tracking.log_weights:
                     tracker.log_artifact(lora_file, "lora")
                     log_kohya(tracker, lora_file, run_name, components.unet.config, cfg.data.resolution)
                 if cfg.eval.enabled:
-                    eval_metrics = evaluate_variant(components, lora_file, data, cfg, device, tracker, output_dir)
+                    with phases("evaluation"):
+                        eval_metrics = evaluate_variant(components, lora_file, data, cfg, device, tracker, output_dir)
             if not (cfg.trainer.save_lora and cfg.eval.enabled):
                 tracker.set_tags({"eval_status": "off"})
             no_effect = no_effect or no_effect_reason(cfg, components, eval_metrics)
@@ -180,9 +195,14 @@ def run_planned(cfg: Config, run_name: str, output_dir: Path, plan: Plan, sweep:
             log.error("variant %s: %s: %s: %s", run_name, status, type(err).__name__, err)
             return None
         finally:
+            with phases("teardown"):
+                release(components)  # restored and verified for the next variant, or dropped
             del components
             if guard is not None:
                 guard.release()
+            tracker.log_metrics(phases.metrics())
+            phases.write(output_dir, run_name=run_name, run_id=tracker.run_id, status=tracker.status,
+                         device=str(device), base=last_use())
 
 
 def evaluate_variant(components, lora_file: Path, data, cfg: Config, device: torch.device, tracker: Tracker,

@@ -45,6 +45,7 @@ class TrainResult:
     step_times: list[float] = field(default_factory=list)
     images_per_step: int = 1
     cuda_graphs: bool = False  # whether the steps after the warm-up replayed a CUDA graph
+    timings: dict[str, float] = field(default_factory=dict)  # prepare_s, inputs_s (phases.py)
 
     @property
     def final_loss(self) -> float:
@@ -398,7 +399,9 @@ def train(components, data: LoadedData, cfg: Config, device: torch.device,
     c = components
 
     # --- model: precision, placement, adapters, speed and memory switches --------------------
+    timings = {"prepare_s": -time.perf_counter()}
     params = prepare_model(c, cfg, device)
+    timings["prepare_s"] += time.perf_counter()
     log_metrics({"params/trainable": sum(p.numel() for p in params),
                  "params/unet_total": sum(p.numel() for p in c.unet.parameters())}, 0)
     steps = total_steps(cfg, len(data.train))
@@ -411,6 +414,7 @@ def train(components, data: LoadedData, cfg: Config, device: torch.device,
 
     # --- inputs: encode once (cache) or at every step (live) ------------------------------
     cache = None
+    timings["inputs_s"] = -time.perf_counter()
     if t.cache_latents:
         cache = build_cache(cfg, c, data.train, with_prompts=not lo.text_encoder, embed_dtype=dtype,
                             cache_dir=Path(t.cache_dir) if t.cache_dir else None)
@@ -421,6 +425,7 @@ def train(components, data: LoadedData, cfg: Config, device: torch.device,
             c.text_encoder_2.to("cpu")
         if device.type == "cuda":
             torch.cuda.empty_cache()  # and their memory goes back to the budget, not the cache
+    timings["inputs_s"] += time.perf_counter()
     transform = ImageTransform(cfg.data.resolution, cfg.data.crop, cfg.data.flip)
 
     def next_inputs(indices: list[int]):
@@ -457,7 +462,7 @@ def train(components, data: LoadedData, cfg: Config, device: torch.device,
     graphed = GraphedStep(forward_backward, params) if use_graphs else None
 
     # --- the loop ----------------------------------------------------------------------------
-    result = TrainResult(status="ok", images_per_step=t.batch_size * t.grad_accum)
+    result = TrainResult(status="ok", images_per_step=t.batch_size * t.grad_accum, timings=timings)
     order = batches(len(data.train), t.batch_size, rng)
     named = {f"{comp}.{n}": p for comp, m in lora_modules(c).items() for n, p in m.named_parameters() if p.requires_grad}
     state = TrainState(named, optimizer, lr_schedule, scaler, generator, rng, order, result)
