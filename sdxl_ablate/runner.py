@@ -168,7 +168,6 @@ def run_planned(cfg: Config, run_name: str, output_dir: Path, plan: Plan, sweep:
             eval_metrics: dict[str, float] = {}
             if cfg.trainer.save_lora:
                 with phases("saving"):
-                    with phases("saving"):
                     lora_file = save_lora(components, output_dir / "lora")
                 if cfg.tracking.log_weights:
                     tracker.log_artifact(lora_file, "lora")
