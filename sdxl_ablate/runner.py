@@ -17,6 +17,9 @@ from .data import load_data
 from .lora import save_lora
 from .memory import MemoryGuard, configure_allocator, is_oom
 from .models import load_components
+from .progress import job_label
+from .samples import training_hooks
+from .summary import log_summary
 from .tracking import Tracker
 from .train import train
 
@@ -67,7 +70,9 @@ def run(cfg: Config, run_name: str, output_dir: Path) -> float | None:
             if data.skipped:
                 tracker.log_text("\n".join(data.skipped), "data/skipped_images.txt")
             components = load_components(cfg.model)
-            result = train(components, data, cfg, device, tracker.log_metrics, guard.peak)
+            label = job_label(run_name)
+            result = train(components, data, cfg, device, tracker.log_metrics, guard.peak,
+                           hooks=training_hooks(components, cfg, device, len(data.train), tracker, label))
             peak = guard.peak()
             fits = guard.fits(peak)
             tracker.log_metrics({
@@ -90,7 +95,8 @@ def run(cfg: Config, run_name: str, output_dir: Path) -> float | None:
                 if cfg.eval.enabled:
                     from .evaluate import evaluate
 
-                    evaluate(components, lora_file, data, cfg, device, tracker, output_dir / "eval")
+                    evaluate(components, lora_file, data, cfg, device, tracker, output_dir / "eval", label=label)
+            log_summary(tracker)  # summary/*: the headline numbers, from what was logged above
             tracker.set_status("ok")
             log.info("variant %s: ok, final loss %.4f, %s", run_name, result.final_loss, peak)
             return result.final_loss
