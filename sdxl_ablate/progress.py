@@ -50,7 +50,8 @@ def job_position() -> Optional[tuple[int, Optional[int]]]:
     if not saved.is_file():
         return number, None
     sweep = OmegaConf.load(saved)
-    params = OmegaConf.to_container(sweep.hydra.sweeper.get("params") or {}, resolve=False)
+    params = sweep.hydra.sweeper.get("params")
+    params = OmegaConf.to_container(params, resolve=False) if params else {}
     return number, sweep_size(list(sweep.hydra.overrides.task), {k: str(v) for k, v in params.items()})
 
 
