@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 def short_name(run_name: str) -> str:
     """A run name for a narrow terminal: `variant=attn_dropout05` -> `attn_dropout05`,
     `trainer.seed=1,variant=attn` -> `attn seed=1`; other overrides stay as written."""
-    parts = run_name.split(",") if run_name else []
+    parts = [p.lstrip("+") for p in run_name.split(",")] if run_name else []  # "+key=v": Hydra's append
     variant = [p.split("=", 1)[1] for p in parts if p.startswith("variant=")]
     seed = [p.split("=", 1)[1] for p in parts if p.startswith("trainer.seed=")]
     rest = [p for p in parts if not p.startswith(("variant=", "trainer.seed="))]
