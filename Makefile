@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-stamp
 # spinning threads slow a busy 2-core machine down many times over.
 CPU_ENV := OMP_NUM_THREADS=1
 
-.PHONY: install test test-fast demo study mlflow-ui report plan bench clean
+.PHONY: install test test-fast demo study mlflow-ui ui-check report plan bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,8 +26,9 @@ test-fast: install
 	$(CPU_ENV) $(BIN)/python -m pytest -q -m "not slow"
 
 ## The study's six variants on the tiny model and the sample data (CPU, offline), then its report.
+## SEEDS=0,1,2 runs every variant with each seed (mean and spread in the report).
 demo: install
-	$(CPU_ENV) $(BIN)/python -m sdxl_ablate -m sweep=naruto_study experiment=demo
+	$(CPU_ENV) $(BIN)/python -m sdxl_ablate -m sweep=naruto_study experiment=demo $(if $(SEEDS),trainer.seed=$(SEEDS))
 	$(BIN)/python -m sdxl_ablate.report --study demo
 
 ## The real study: SDXL base on the Naruto dataset (needs the hub or local copies, and a GPU).
@@ -41,6 +42,11 @@ report: install
 ## The MLflow UI over the same store, on http://127.0.0.1:5000
 mlflow-ui: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+## The study in the real MLflow UI (headless chromium: apt-get update && apt-get install -y chromium):
+## screenshots into reports/<study>/ui/, non-zero exit if runs or headline metrics are missing.
+ui-check: install
+	$(BIN)/python -m sdxl_ablate.ui_check --study $(or $(STUDY),demo)
 
 ## Dry run: parameter counts and the memory prediction, e.g. make plan ARGS="model=sdxl_random lora.targets=all"
 plan: install

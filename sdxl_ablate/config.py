@@ -194,6 +194,9 @@ class EvalConfig:
     vae_tiling: bool = False
     attention_slicing: bool = False
     heldout_timesteps: list[int] = field(default_factory=lambda: [100, 300, 500, 700, 900])
+    # Sample images during training every N optimizer steps (and the base model at step 0),
+    # into MLflow's image history (sdxl_ablate/samples.py); 0 or null: off.
+    every_n_steps: Optional[int] = None
 
 
 @dataclass
@@ -281,6 +284,8 @@ def cross_field_problems(cfg: Config) -> list[str]:
         p.append(f"eval.steps={ev.steps}: must be >= 1")
     if ev.resolution is not None and (ev.resolution < 8 or ev.resolution % 8):
         p.append(f"eval.resolution={ev.resolution}: must be a positive multiple of 8")
+    if ev.every_n_steps is not None and ev.every_n_steps < 0:
+        p.append(f"eval.every_n_steps={ev.every_n_steps}: must be >= 1 (samples every N steps), or 0/null for off")
     if not cfg.study or "/" in cfg.study:
         p.append(f"study={cfg.study!r}: must be a non-empty name without '/'")
     dev = cfg.device

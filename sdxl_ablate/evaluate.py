@@ -27,11 +27,13 @@ from typing import TYPE_CHECKING, Callable
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
+from tqdm.auto import tqdm
 
 from .config import Config, Crop, EvalConfig
 from .data import Example, ImageTransform, LoadedData
 from .lora import load_lora, remove_adapters
 from .memory import dequantize_base_weights
+from .placement import place
 from .precompute import encode_images, encode_prompts, prepare_example
 from .train import DTYPES, target_for
 
@@ -148,7 +150,7 @@ class HeldoutSet:
 def heldout_set(components, examples: list[Example], cfg: Config, device: torch.device) -> HeldoutSet:
     transform = ImageTransform(cfg.data.resolution, Crop.center, flip=False)
     prepared = [prepare_example(ex, transform, random.Random(0)) for ex in examples]  # a center crop draws nothing
-    vae = components.vae.to(device, torch.float32)
+    vae = place(components.vae, device, torch.float32)
     # One image at a time: the full-size VAE encoder in fp32 is memory-hungry at 1024 px.
     means = [encode_images(vae, p.pixels[None].to(device))[0] for p in prepared]
     latents = torch.cat(means).cpu() * vae.config.scaling_factor
@@ -212,8 +214,8 @@ def inference_pipeline(components, cfg: Config, device: torch.device):
     # Module by module, not pipe.to(dtype): a round trip of the fp32 VAE through fp16 would
     # round its weights.
     for module in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2):
-        module.to(device, dtype).eval()
-    pipe.vae.to(device, dtype if cfg.model.vae_fp16_safe else torch.float32).eval()
+        place(module, device, dtype).eval()
+    place(pipe.vae, device, dtype if cfg.model.vae_fp16_safe else torch.float32).eval()
     pipe.vae.enable_slicing()
     if cfg.eval.vae_tiling:
         pipe.vae.enable_tiling()
@@ -232,9 +234,10 @@ def decode(pipe, latents: torch.Tensor) -> list[Image.Image]:
     return pipe.image_processor.postprocess(pixels.float(), output_type="pil")
 
 
-def generate(pipe, jobs: list[tuple[str, int]], ev: EvalConfig, resolution: int) -> list[Image.Image]:
+def generate(pipe, jobs: list[tuple[str, int]], ev: EvalConfig, resolution: int,
+             on_image: Callable[[], object] = lambda: None) -> list[Image.Image]:
     """One image per (prompt, seed), each from its own CPU generator: the same starting
-    noise for the base and the LoRA model, on every device."""
+    noise for the base and the LoRA model, on every device. `on_image` runs after each."""
     images = []
     for prompt, seed in jobs:
         latents = pipe(
@@ -247,6 +250,7 @@ def generate(pipe, jobs: list[tuple[str, int]], ev: EvalConfig, resolution: int)
             output_type="latent",
         ).images
         images += decode(pipe, latents)
+        on_image()
     return images
 
 
@@ -384,18 +388,24 @@ def write_artifacts(out_dir: Path, tracker: Tracker, jobs: list[tuple[str, int]]
 
 
 def evaluate(components, lora_file: Path, data: LoadedData, cfg: Config, device: torch.device,
-             tracker: Tracker, out_dir: Path) -> dict[str, float]:
+             tracker: Tracker, out_dir: Path, label: str = "") -> dict[str, float]:
     """Held-out loss with and without the trained adapters, then base and LoRA images
     (the LoRA reloaded from `lora_file`), CLIP scores and artifacts. Consumes the adapters:
-    the components end up carrying the reloaded LoRA (adapter "variant")."""
+    the components end up carrying the reloaded LoRA (adapter "variant"). `label` names the
+    variant on the progress bar."""
     ev = cfg.eval
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics: dict[str, float] = {}
+    jobs = eval_jobs(ev)
+    # One unit per held-out pass, per generated image, and for the CLIP scores.
+    bar = tqdm(total=2 * bool(data.heldout) + 2 * len(jobs) + 1, desc=f"{label or cfg.lora.targets.value} eval",
+               unit="task", dynamic_ncols=True)
 
     if data.heldout:
         hs = heldout_set(components, data.heldout, cfg, device)
         lora_losses = heldout_loss(components, hs, cfg, device)
         metrics["eval/heldout_loss"] = lora_losses.mean().item()
+        bar.update()
     else:
         log.warning("no held-out images (data.heldout=%d): no held-out loss, no clip_style", cfg.data.heldout)
     # Stripping the trained adapters restores the exact base model: the base loss, then the
@@ -405,17 +415,19 @@ def evaluate(components, lora_file: Path, data: LoadedData, cfg: Config, device:
         base_losses = heldout_loss(components, hs, cfg, device)
         metrics["eval/heldout_loss_base"] = base_losses.mean().item()
         metrics.update(heldout_delta(lora_losses, base_losses))
+        bar.update()
 
-    jobs = eval_jobs(ev)
     resolution = ev.resolution or cfg.data.resolution
     pipe = inference_pipeline(components, cfg, device)
-    base_images = generate(pipe, jobs, ev, resolution)
+    base_images = generate(pipe, jobs, ev, resolution, bar.update)
     load_lora(pipe, lora_file, fuse=ev.fuse_lora)
-    lora_images = generate(pipe, jobs, ev, resolution)
+    lora_images = generate(pipe, jobs, ev, resolution, bar.update)
 
     clip = load_clip(ev, device)
     clip_metrics, per_image = clip_scores(clip, jobs, base_images, lora_images, [ex.image for ex in data.heldout])
     metrics.update(clip_metrics)
+    bar.update()
+    bar.close()
 
     scores = {
         "metrics": metrics,

@@ -112,6 +112,11 @@ class JournalingTracker:
         self.artifact_failures.append(msg)
 
     @property
+    def client(self):
+        """The MLflow client, for reading back (None when the store could not even be opened)."""
+        return None if self.tracker is None else self.tracker.client
+
+    @property
     def journaled(self) -> bool:
         return self.journal.records > 0
 
@@ -180,3 +185,15 @@ class JournalingTracker:
 
     def log_dict(self, data: dict, artifact_file: str) -> None:
         self.log_text(json.dumps(data, indent=2, sort_keys=True), artifact_file)
+
+    def log_image(self, image, key: str, step: int) -> None:
+        if self.failure is None:
+            try:
+                self.tracker.log_image(image, key, step)
+                return
+            except Exception as err:  # noqa: BLE001
+                self._artifact_failed("log_image", f"{key} step {step}", err)
+        name = f"images/{self.journal.records:06d}_{key.replace('/', '_')}_{step}.png"
+        (self.journal.dir / "images").mkdir(parents=True, exist_ok=True)
+        image.save(self.journal.dir / name)
+        self.journal.append("log_image", file=name, key=key, step=step)

@@ -222,7 +222,19 @@ def load_lora(pipe, path: str | Path, adapter_name: str = "variant", fuse: bool 
     path = Path(path)
     if not path.is_file():
         raise LoraLoadError(f"LoRA file {path} does not exist")
-    pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter_name)
+    # The steps of `pipe.load_lora_weights`, public classmethods of the same loader, except that
+    # a text encoder the file has no keys for is skipped: load_lora_weights would call its
+    # loader anyway, which then warns "No LoRA keys associated to CLIPTextModel" for every
+    # UNet-only LoRA.
+    state, alphas, metadata = pipe.lora_state_dict(str(path.parent), weight_name=path.name,
+                                                   unet_config=pipe.unet.config, return_lora_metadata=True)
+    pipe.load_lora_into_unet(state, network_alphas=alphas, unet=pipe.unet, adapter_name=adapter_name,
+                             metadata=metadata)
+    for name in TEXT_ENCODERS:
+        if any(key.startswith(f"{name}.") for key in state):
+            pipe.load_lora_into_text_encoder(state, network_alphas=alphas, text_encoder=getattr(pipe, name),
+                                             prefix=name, lora_scale=pipe.lora_scale, adapter_name=adapter_name,
+                                             metadata=metadata)
     configs = saved_configs(path)
     for component, saved in saved_state(path).items():
         problems = _load_problems(getattr(pipe, component), saved, configs.get(component), adapter_name)

@@ -112,6 +112,11 @@ def _apply(client: MlflowClient, run_id: str, rec: dict[str, Any], journal_dir: 
             client.log_artifact(run_id, str(src), rec["artifact_path"])
     elif op == "log_text":
         client.log_text(run_id, (journal_dir / rec["file"]).read_text(), rec["artifact_file"])
+    elif op == "log_image":
+        from PIL import Image
+
+        with Image.open(journal_dir / rec["file"]) as image:
+            client.log_image(run_id, image.copy(), key=rec["key"], step=rec["step"], timestamp=rec["time_ms"])
     elif op == "close":
         client.set_terminated(run_id, status=rec["status"], end_time=rec["time_ms"])
     else:

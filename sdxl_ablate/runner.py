@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import traceback
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -27,9 +28,12 @@ from .memory import MemoryGuard, configure_allocator, is_oom
 from .models import load_components
 from .phases import Phases
 from .pickup import Plan, VariantBusy, plan_variant
+from .progress import job_label
+from .samples import training_hooks
+from .summary import log_summary
 from .sweep import SweepInfo, new_sweep_id
 from .tracking import Tracker
-from .train import Hooks, train
+from .train import train
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +138,11 @@ def run_planned(cfg: Config, run_name: str, output_dir: Path, plan: Plan, sweep:
             precompute_peak: dict[str, float] = {}
             mark_loop_start = phases.mark("loop_start")
 
+            hooks = training_hooks(components, cfg, device, len(data.train), tracker, job_label(run_name))
+            sample_base = hooks.loop_start  # the base model's sample images at step 0, if asked for
+
             def training_starts() -> None:
+                sample_base()
                 # Setup and input caching are one phase, training the next: the training peak
                 # must not depend on whether the latent cache was cold (first variant) or warm.
                 precompute_peak.update(guard.peak("memory/precompute_peak"))
@@ -145,7 +153,7 @@ def run_planned(cfg: Config, run_name: str, output_dir: Path, plan: Plan, sweep:
             checkpointer = plan.checkpointer(cfg)
             with phases("train_other"):
                 result = train(components, data, cfg, device, plan.metrics_logger(tracker.log_metrics), guard.peak,
-                               hooks=Hooks(loop_start=training_starts), checkpointer=checkpointer)
+                               hooks=replace(hooks, loop_start=training_starts), checkpointer=checkpointer)
             phases.split_training(result)
             if checkpointer.failures:
                 tracker.set_tags({"checkpoint.errors": " | ".join(checkpointer.failures)[:5000]})
@@ -174,13 +182,15 @@ def run_planned(cfg: Config, run_name: str, output_dir: Path, plan: Plan, sweep:
                     log_kohya(tracker, lora_file, run_name, components.unet.config, cfg.data.resolution)
                 if cfg.eval.enabled:
                     with phases("evaluation"):
-                        eval_metrics = evaluate_variant(components, lora_file, data, cfg, device, tracker, output_dir)
+                        eval_metrics = evaluate_variant(components, lora_file, data, cfg, device, tracker, output_dir,
+                                                        label=hooks.label)
             if not (cfg.trainer.save_lora and cfg.eval.enabled):
                 tracker.set_tags({"eval_status": "off"})
             no_effect = no_effect or no_effect_reason(cfg, components, eval_metrics)
             if no_effect:
                 tracker.set_tags({"no_effect": "true", "no_effect_reason": no_effect})
                 log.warning("variant %s: no effect: %s", run_name, no_effect)
+            log_summary(tracker)  # summary/*: the headline numbers, from what was logged above
             tracker.set_status("ok")
             plan.finished(tracker.run_id, result.final_loss, output_dir)
             log.info("variant %s: ok, final loss %.4f, %s", run_name, result.final_loss, peak)
@@ -205,13 +215,13 @@ def run_planned(cfg: Config, run_name: str, output_dir: Path, plan: Plan, sweep:
 
 
 def evaluate_variant(components, lora_file: Path, data, cfg: Config, device: torch.device, tracker: Tracker,
-                     output_dir: Path) -> dict[str, float]:
+                     output_dir: Path, label: str = "") -> dict[str, float]:
     """The evaluation as an outcome of its own: a failure is recorded (`eval_status=failed`,
     `eval_error`, `eval_error.txt`) and leaves the trained variant's status and LoRA as they are."""
     from .evaluate import evaluate
 
     try:
-        metrics = evaluate(components, lora_file, data, cfg, device, tracker, output_dir / "eval")
+        metrics = evaluate(components, lora_file, data, cfg, device, tracker, output_dir / "eval", label=label)
     except Exception as err:  # noqa: BLE001 - evaluation must not undo a finished training
         if is_oom(err) and device.type == "cuda":
             torch.cuda.empty_cache()

@@ -109,5 +109,9 @@ class Tracker:
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
 
+    def log_image(self, image, key: str, step: int) -> None:
+        """An image in the run's image history under `key` (the MLflow UI's step slider)."""
+        self.client.log_image(self.run_id, image, key=key, step=step)
+
     def log_dict(self, data: dict, artifact_file: str) -> None:
         self.client.log_text(self.run_id, json.dumps(data, indent=2, sort_keys=True), artifact_file)

@@ -29,6 +29,7 @@ from .data import ImageTransform, LoadedData, pick_caption
 from .checkpoint import Checkpointer
 from .lora import add_adapters, lora_modules
 from .memory import store_base_weights_fp8
+from .placement import place
 from .precompute import build_cache, encode_images, encode_prompts, prepare_example, sample_latents
 
 log = logging.getLogger(__name__)
@@ -68,10 +69,14 @@ class TrainResult:
 class Hooks:
     """Where an observer (the benchmark) may look in without a copy of the loop: `loop_start`
     runs once the model and inputs are ready, just before the first step; `step(i)` is a
-    context manager around optimizer step i (e.g. a profiler)."""
+    context manager around optimizer step i (e.g. a profiler); `after_step(n)` runs after the
+    n-th finished optimizer step, once it is logged (e.g. sample images, sdxl_ablate.samples).
+    `label` names the variant on the progress bar (e.g. `[5/6] attn_dropout05`)."""
 
     loop_start: Callable[[], None] = lambda: None
     step: Callable[[int], ContextManager] = lambda i: contextlib.nullcontext()
+    after_step: Callable[[int], None] = lambda n: None
+    label: str = ""
 
 
 def total_steps(cfg: Config, n_images: int) -> int:
@@ -156,9 +161,9 @@ def prepare_model(c, cfg: Config, device: torch.device) -> list[torch.nn.Paramet
     dtype = DTYPES[t.precision]
     # Frozen weights in the compute dtype; the trainable LoRA weights stay fp32 (the optimizer
     # and the fp16 loss scaler need fp32 master weights).
-    c.unet.to(device, dtype)
+    place(c.unet, device, dtype)
     # fp32 VAE: the SDXL VAE overflows in fp16, unless it is an fp16-safe VAE.
-    c.vae.to(device, dtype if cfg.model.vae_fp16_safe else torch.float32)
+    place(c.vae, device, dtype if cfg.model.vae_fp16_safe else torch.float32)
     c.text_encoder.to(device, dtype)
     c.text_encoder_2.to(device, dtype)
     params = add_adapters(c, lo)
@@ -457,7 +462,7 @@ def train(components, data: LoadedData, cfg: Config, device: torch.device,
         return loss.detach()
 
     use_graphs, why = graphs_usable(cfg, device)
-    if t.cuda_graphs and not use_graphs:
+    if t.cuda_graphs and not use_graphs and device.type == "cuda":  # a CUDA-only default, like compile
         log.warning("trainer.cuda_graphs=true has no effect here: %s", why)
     graphed = GraphedStep(forward_backward, params) if use_graphs else None
 
@@ -469,7 +474,7 @@ def train(components, data: LoadedData, cfg: Config, device: torch.device,
     # A resumed run continues exactly where the checkpoint left off (weights, optimizer, every RNG).
     start = checkpointer.restore(state, len(data.train)) if checkpointer is not None else 0
     hooks.loop_start()
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"train {cfg.lora.targets.value}",
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"{hooks.label or cfg.lora.targets.value} train",
                unit="step", dynamic_ncols=True)
     # A graph is captured off the default stream, and the warm-up steps whose backward made the
     # gradient accumulators must have run there too: with graphs the loop runs on a side stream.
@@ -532,6 +537,7 @@ def train(components, data: LoadedData, cfg: Config, device: torch.device,
                 metrics = {"train/loss": step_loss, "train/lr": lr_schedule.get_last_lr()[0], **memory_stats()}
                 log_metrics(metrics, step)
                 bar.set_postfix(loss=f"{step_loss:.4f}")
+            hooks.after_step(result.steps)  # e.g. sample images (samples.py); leaves training untouched
         if checkpointer is not None:
             checkpointer.after_step(state, steps, len(data.train))
     bar.close()

@@ -1,165 +1,250 @@
-"""Tests of sdxl_ablate.report: the table from run records, and a whole report of a small
-finished study built by hand in a temporary MLflow store."""
+"""Tests of sdxl_ablate.report: sweeps, seeds, the verdict and the table from run records
+(pure), and a whole report of two sweeps built by hand in a temporary MLflow store."""
+
+from __future__ import annotations
 
 import csv
+import math
+import statistics
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from sdxl_ablate.report import COLUMNS, ReportError, RunRecord, build_table, main, to_markdown
-
-EXPECTED_COLUMNS = [
-    "run", "status", "lora.targets", "lora.text_encoder", "lora.use_dora", "lora.dropout",
-    "trainer.precision", "trainer.optimizer", "data.resolution",
-    "params/trainable", "train/final_loss", "eval/heldout_loss", "eval/heldout_loss_base",
-    "peak_memory_gib", "memory_kind", "fits_16gb", "perf/step_time_s", "perf/images_per_s",
-    "eval/clip_style", "eval/clip_text", "eval/clip_style_lift", "eval/clip_text_lift",
-]
+from sdxl_ablate.report import (ReportError, RunRecord, Stat, analyse, main, pareto_set, select_runs, table_rows,
+                                verdict, within_noise, SCORES)
 
 
-def axes(targets: str, text_encoder: str = "false") -> dict[str, str]:
-    return {"lora.targets": targets, "lora.text_encoder": text_encoder, "lora.use_dora": "false",
-            "lora.dropout": "0.0", "trainer.precision": "bf16", "trainer.optimizer": "adamw",
-            "data.resolution": "1024"}
+def rec(name, run_id, *, seed=0, sweep="s1", status="ok", t=0, kind=None, params=None, **metrics) -> RunRecord:
+    tags = {"status": status, **({"sweep_id": sweep} if sweep else {}), **({"kind": kind} if kind else {})}
+    metrics = {k.replace("__", "/"): v for k, v in metrics.items()}
+    return RunRecord(name, run_id, t, tags, metrics, params if params is not None else
+                     {"lora.targets": name, "trainer.seed": str(seed), "tracking.uri": f"x{run_id}"})
 
 
-# --------------------------------------------------------------------------- pure table
+# --------------------------------------------------------------------------- sweeps
 
 
-def test_table_from_records_sorts_ok_runs_first_and_fills_only_what_was_measured():
-    records = [
-        RunRecord("running", tags=axes("attn"), metrics={"train/final_loss": 0.01}),
-        RunRecord("b", tags={**axes("all"), "status": "ok"},
-                  metrics={"train/final_loss": 0.2, "memory/peak_rss_gib": 3.14159, "params/trainable": 1234.0}),
-        RunRecord("a", tags={**axes("attn"), "status": "ok"},
-                  metrics={"train/final_loss": 0.1, "memory/peak_reserved_gib": 9.5, "memory/fits_budget": 1.0}),
-        RunRecord("c", tags={**axes("attn"), "status": "nan"}, metrics={}),
+def test_latest_sweep_by_default_others_on_request_and_legacy_runs_as_one_sweep():
+    runs = [
+        rec("a", "old1", sweep=None, t=1), rec("b", "old2", sweep=None, t=2),  # before sweep ids: "legacy"
+        rec("a", "s1a", sweep="s1", t=10), rec("b", "s1b", sweep="s1", t=11),
+        rec("a", "s2a", sweep="s2", t=20),
+        rec("report", "rep", sweep="s2", t=30, kind="report"), rec("sweep s2", "par", sweep="s2", t=19, kind="sweep"),
     ]
-    # No run has clip scores: sorted by the final training loss, ascending.
-    rows = build_table(records)
-    # The others after the ok runs, by the same column; a run without the value last.
-    assert [(r["run"], r["status"]) for r in rows] == [("a", "ok"), ("b", "ok"), ("running", "running"), ("c", "nan")]
-    a, b = rows[0], rows[1]
-    assert (a["peak_memory_gib"], a["memory_kind"], a["fits_16gb"]) == ("9.50", "cuda_reserved", "yes")
-    assert (b["peak_memory_gib"], b["memory_kind"], b["fits_16gb"]) == ("3.14", "cpu_rss", "")
-    assert (a["train/final_loss"], b["params/trainable"], a["params/trainable"]) == ("0.1000", "1234", "")
-    assert [r["run"] for r in build_table(records, "train/final_loss", ascending=False)] == ["b", "a", "running", "c"]
-    with pytest.raises(ReportError, match="not a column"):
-        build_table(records, "eval/nope")
+    chosen, ids = select_runs(runs)
+    assert ids == ["s2"] and [r.run_id for r in chosen] == ["s2a"]  # the report and parent runs left out
+    assert [r.run_id for r in select_runs(runs, sweep="s1")[0]] == ["s1a", "s1b"]
+    assert [r.run_id for r in select_runs(runs, sweep="legacy")[0]] == ["old1", "old2"]
+    merged, ids = select_runs(runs, all_sweeps=True)
+    assert ids == ["legacy", "s1", "s2"] and len(merged) == 5
+    with pytest.raises(ReportError, match=r"--sweep 'nope' is not a sweep.*legacy .*2 runs.*s1 .*s2 "):
+        select_runs(runs, sweep="nope")
 
 
-def test_markdown_escapes_pipes():
-    rows = build_table([RunRecord("x|y", tags={"status": "ok"})])
-    assert "x\\|y" in to_markdown(rows)
+# --------------------------------------------------------------------------- seeds and noise
 
 
-# --------------------------------------------------------------------------- a whole study
+def test_seeds_are_one_variant_with_mean_and_spread_and_noise_marks():
+    style = {"a": [0.80, 0.82, 0.81], "b": [0.805, 0.79, 0.80], "c": [0.70, 0.71, 0.69]}
+    runs = [rec(f"trainer.seed={i},variant={v}", f"{v}{i}", seed=i, eval__clip_style=s, eval__clip_style_base=0.75,
+                memory__peak_rss_gib={"a": 2.0, "b": 1.0, "c": 3.0}[v] + i * 0.01,
+                params={"variant": v, "trainer.seed": str(i)})
+            for v, scores in style.items() for i, s in enumerate(scores)]
+    a = analyse(runs)
+    assert a.score.metric == "eval/clip_style"
+    assert [v.name for v in a.variants] == ["a", "b", "c"]
+    best = a.variants[0].stat("eval/clip_style")
+    assert best == Stat(pytest.approx(0.81), pytest.approx(statistics.stdev([0.80, 0.82, 0.81])), 3)
+    # b differs from a by 0.012 with a standard error of ~0.0088: within noise; c by 0.11: not.
+    assert [v.name for v in a.close_to_best] == ["b"] and a.noise_known
+    assert a.pareto == ["b", "a"]  # b: least memory; a: best score; c: dominated by both
+    lines = verdict(a)
+    assert lines[0].startswith("- **Best on CLIP style score (higher is better): a**, 0.8100 ± 0.0100 over 3 seeds")
+    assert "+0.0600 over the base model (0.7500)" in lines[0] and "peak memory 2.01 ± 0.01 GiB (CPU RSS)" in lines[0]
+    assert lines[1].startswith("- Within noise of the best") and ": b." in lines[1]
+    rows = table_rows(a)
+    assert rows[0][:5] == ["base model", "no LoRA", "", "0.7500", ""]
+    assert rows[1][0] == "a" and rows[1][2] == "0,1,2" and rows[1][3] == "0.8100 ± 0.0100"
+    assert rows[1][11] == "best; Pareto" and rows[2][11] == "within noise of best; Pareto" and rows[3][11] == ""
 
 
-def make_run(client: MlflowClient, exp: str, name: str, tags: dict, metrics: dict,
-             losses: list[float] = (), grid: Path | None = None) -> str:
+def test_within_noise_needs_two_seeds_and_says_so():
+    assert within_noise(Stat(1.0, None, 1), Stat(0.0, None, 1)) is None
+    assert within_noise(Stat(1.0, 0.1, 4), Stat(0.95, 0.1, 4)) is True  # 0.05 <= 2 * 0.0707
+    assert within_noise(Stat(1.0, 0.1, 4), Stat(0.8, 0.1, 4)) is False
+    a = analyse([rec("a", "1", train__final_loss=0.2), rec("b", "2", train__final_loss=0.1)])
+    assert a.score.metric == "train/final_loss" and a.best.name == "b"  # no eval: lowest loss wins
+    assert any("One seed per variant: no noise estimate" in line for line in verdict(a))
+
+
+def test_pareto_set():
+    lower = SCORES["eval/heldout_loss"]
+    assert pareto_set({"x": (0.5, 2.0), "y": (0.4, 3.0), "z": (0.6, 1.0), "w": (0.6, 2.5)}, lower) == ["z", "x", "y"]
+    higher = SCORES["eval/clip_style"]
+    assert pareto_set({"x": (0.5, 2.0), "y": (0.5, 2.0), "z": (0.4, 2.0)}, higher) == ["x", "y"]
+
+
+def test_failed_no_effect_and_unevaluated_variants_are_listed_with_why():
+    runs = [
+        rec("good", "1", eval__heldout_loss=0.5, eval__heldout_loss_base=0.6),
+        rec("flat", "2", eval__heldout_loss=0.6, eval__heldout_loss_base=0.6),
+        rec("noeval", "3", train__final_loss=0.3),
+        rec("big", "4abcdefgh", status="oom", memory__peak_reserved_gib=15.9),
+    ]
+    runs[1].tags.update(no_effect="true", no_effect_reason="held-out loss within noise of the base")
+    runs[2].tags.update(eval_status="failed", eval_error="ClipLoadError: no weights\ntraceback")
+    runs[3].tags["error"] = "OutOfMemoryError: CUDA out of memory\nmore"
+    a = analyse(runs)
+    assert a.score.metric == "eval/heldout_loss" and a.best.name == "good"
+    lines = verdict(a)
+    assert "- No effect: flat: held-out loss within noise of the base." in lines
+    assert "- Trained but not evaluated: noeval: ClipLoadError: no weights." in lines
+    assert "- Failed: big: oom: OutOfMemoryError: CUDA out of memory (run 4abcdefg)." in lines
+    notes = {row[0]: row[11] for row in table_rows(a)}
+    assert notes["flat"] == "no effect"  # no memory measured: no Pareto set
+    assert notes["noeval"] == "not evaluated" and notes["big"] == "oom"
+    assert [v.name for v in a.variants][-1] == "big"  # failed last
+    with pytest.raises(ReportError, match="--score 'eval/nope' is not a score"):
+        analyse(runs, "eval/nope")
+    with pytest.raises(ReportError, match="--score eval/clip_style: no finished run measured it"):
+        analyse(runs, "eval/clip_style")
+
+
+# --------------------------------------------------------------------------- a whole study in MLflow
+
+
+def make_run(client, exp, name, tags, metrics, params=None, losses=(), images=None) -> str:
     run_id = client.create_run(exp, run_name=name, tags=tags).info.run_id
     for key, value in metrics.items():
         client.log_metric(run_id, key, value, step=0)
+    for key, value in (params or {}).items():
+        client.log_param(run_id, key, value)
     for step, loss in enumerate(losses):
         client.log_metric(run_id, "train/loss", loss, step=step)
-    if grid is not None:
-        client.log_artifact(run_id, str(grid), "eval")
+    if images is not None:
+        client.log_artifacts(run_id, str(images / "images"), "eval/images")
+        client.log_artifact(run_id, str(images / "scores.json"), "eval")
     client.set_terminated(run_id, "FINISHED" if tags.get("status") == "ok" else "FAILED")
     return run_id
 
 
+def eval_images(folder: Path, colour: str, prompts=("a cat", "a dog"), seeds=(0, 1)) -> Path:
+    import json
+
+    (folder / "images").mkdir(parents=True)
+    jobs = []
+    for i, (p, s) in enumerate((p, s) for p in prompts for s in seeds):
+        Image.new("RGB", (64, 64), "white").save(folder / "images" / f"base_{i}.png")
+        Image.new("RGB", (64, 64), colour).save(folder / "images" / f"lora_{i}.png")
+        jobs.append({"index": i, "prompt": p, "seed": s, "clip_style": 0.5 + i / 10, "clip_style_base": 0.4})
+    (folder / "scores.json").write_text(json.dumps({"images": jobs}))
+    return folder
+
+
 @pytest.fixture(scope="module")
-def study(tmp_path_factory) -> str:
-    """3 variants: two ok (one with an image grid), one out of memory; -> the tracking URI.
-
-    One store for the module (creating a sqlite store takes a second or more): the report
-    runs that each test adds must not change what the next one sees."""
-    tmp_path = tmp_path_factory.mktemp("study")
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+def study(tmp_path_factory):
+    """An old sweep (s1: one run) and a new one (s2: attn x 2 seeds, all, te_all oom) -> (uri, run ids)."""
+    tmp = tmp_path_factory.mktemp("study")
+    uri = f"sqlite:///{tmp}/mlflow.db"
     client = MlflowClient(uri)
-    exp = client.create_experiment("naruto", artifact_location=(tmp_path / "artifacts").as_uri())
-    grid = tmp_path / "grid.png"
-    Image.new("RGB", (120, 60), "red").save(grid)
-    make_run(client, exp, "attn", {**axes("attn"), "status": "ok"}, {
-        "params/trainable": 23040, "train/final_loss": 0.123456, "eval/heldout_loss": 0.2,
-        "eval/heldout_loss_base": 0.25, "memory/peak_reserved_gib": 10.504, "memory/fits_budget": 1.0,
-        "perf/step_time_s": 0.51234, "perf/images_per_s": 1.95, "eval/clip_style": 0.7,
-        "eval/clip_text": 0.3, "eval/clip_style_lift": 0.05, "eval/clip_text_lift": -0.01,
-    }, losses=[0.3, 0.2, 0.1], grid=grid)
-    make_run(client, exp, "all", {**axes("all"), "status": "ok"}, {
-        "params/trainable": 100000, "train/final_loss": 0.1, "memory/peak_rss_gib": 3.2,
-        "eval/clip_style": 0.8, "eval/clip_text": 0.25, "eval/clip_style_lift": 0.1, "eval/clip_text_lift": 0.02,
-    }, losses=[0.4, 0.3])
-    make_run(client, exp, "te_all", {**axes("all", "true"), "status": "oom"}, {"memory/peak_reserved_gib": 15.98})
-    return uri
+    exp = client.create_experiment("naruto", artifact_location=(tmp / "artifacts").as_uri())
+    ids = {}
+    ids["old"] = make_run(client, exp, "variant=attn", {"status": "ok", "sweep_id": "s1", "kind": "variant"},
+                          {"eval/clip_style": 0.1}, {"variant": "attn", "trainer.seed": "0"})
+    for seed, style in ((0, 0.7123456789), (1, 0.7323456789)):
+        ids[f"attn{seed}"] = make_run(
+            client, exp, f"trainer.seed={seed},variant=attn",
+            {"status": "ok", "sweep_id": "s2", "kind": "variant", "lora.targets": "attn"},
+            {"eval/clip_style": style, "eval/clip_style_base": 0.6, "memory/peak_reserved_gib": 10.5 + seed / 100,
+             "perf/images_per_s": 2.0}, {"variant": "attn", "trainer.seed": str(seed)}, losses=[0.3, 0.2, 0.1],
+            images=eval_images(tmp / f"img{seed}", "red"))
+    ids["all"] = make_run(client, exp, "variant=all", {"status": "ok", "sweep_id": "s2", "kind": "variant",
+                                                       "lora.targets": "all"},
+                          {"eval/clip_style": 0.8, "eval/clip_style_base": 0.6, "memory/peak_reserved_gib": 12.0},
+                          {"variant": "all", "trainer.seed": "0"}, losses=[0.4, 0.3],
+                          images=eval_images(tmp / "imgall", "blue"))
+    ids["te_all"] = make_run(client, exp, "variant=te_all", {"status": "oom", "sweep_id": "s2", "kind": "variant",
+                                                             "error": "OutOfMemoryError: boom"},
+                             {"memory/peak_reserved_gib": 15.98}, {"variant": "te_all", "trainer.seed": "0"})
+    make_run(client, exp, "sweep s2", {"kind": "sweep", "sweep_id": "s2", "status": "ok"}, {})
+    return uri, ids
 
 
-def read_csv(path: Path) -> tuple[list[str], list[list[str]]]:
+def read_csv(path: Path) -> list[dict[str, str]]:
     with path.open(newline="") as f:
-        header, *rows = list(csv.reader(f))
-    return header, rows
-
-
-def markdown_rows(path: Path) -> list[list[str]]:
-    lines = [line for line in path.read_text().splitlines() if line.startswith("|")]
-    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+        return list(csv.DictReader(f))
 
 
 def report_runs(client: MlflowClient) -> list:
     exp = client.get_experiment_by_name("naruto").experiment_id
-    return client.search_runs([exp], filter_string="tags.kind = 'report'", order_by=["attributes.start_time DESC"])
+    return client.search_runs([exp], filter_string="tags.kind = 'report'")
 
 
-def test_report_of_a_finished_study(study, tmp_path, capsys):
+def test_report_of_the_latest_sweep(study, tmp_path, capsys):
+    uri, ids = study
     out = tmp_path / "report"
-    client = MlflowClient(study)
+    client = MlflowClient(uri)
     before = len(report_runs(client))
-    assert main(["--study", "naruto", "--tracking-uri", study, "--out", str(out)]) == 0
+    assert main(["--study", "naruto", "--tracking-uri", uri, "--out", str(out)]) == 0
 
-    header, rows = read_csv(out / "ablation.csv")
-    assert header == EXPECTED_COLUMNS == list(COLUMNS)
-    assert rows == [  # by clip_style, highest first; the failed variant last
-        ["all", "ok", "all", "false", "false", "0.0", "bf16", "adamw", "1024", "100000", "0.1000", "", "",
-         "3.20", "cpu_rss", "", "", "", "0.8000", "0.2500", "+0.1000", "+0.0200"],
-        ["attn", "ok", "attn", "false", "false", "0.0", "bf16", "adamw", "1024", "23040", "0.1235", "0.2000",
-         "0.2500", "10.50", "cuda_reserved", "yes", "0.512", "1.95", "0.7000", "0.3000", "+0.0500", "-0.0100"],
-        ["te_all", "oom", "all", "true", "false", "0.0", "bf16", "adamw", "1024", "", "", "", "",
-         "15.98", "cuda_reserved", "", "", "", "", "", "", ""],
-    ]
-    assert markdown_rows(out / "ablation.md") == rows
-    for name in ("style_vs_memory.png", "loss_curves.png"):
-        assert Image.open(out / name).size[0] > 100
-    # One grid (attn's), under a label band.
-    assert Image.open(out / "grids.png").size == (120, 24 + 60)
+    md = (out / "ablation.md").read_text()
+    assert md.startswith("# Ablation report: study `naruto`\n\nsweep s2, started ")
+    assert "**Best on CLIP style score (higher is better): all**, 0.8000; +0.2000 over the base model (0.6000)" in md
+    assert "- Failed: te_all: oom: OutOfMemoryError: boom" in md
+    assert "| base model | no LoRA |" in md and "| attn |" in md and "0.7223 ± 0.0141" in md
+    assert ids["old"] not in md and ids["attn0"] in md and ids["attn1"] in md  # the runs section: full ids
+    assert "sweep s1" not in md
+
+    variants = read_csv(out / "ablation.csv")
+    assert [v["variant"] for v in variants] == ["all", "attn", "te_all"]
+    attn = variants[1]
+    assert float(attn["eval/clip_style mean"]) == (0.7123456789 + 0.7323456789) / 2  # full precision
+    assert math.isclose(float(attn["eval/clip_style std"]), statistics.stdev([0.7123456789, 0.7323456789]))
+    assert attn["run_ids"] == f"{ids['attn0']} {ids['attn1']}" and attn["seeds"] == "0 1"
+    runs = read_csv(out / "runs.csv")
+    assert {r["run_id"] for r in runs} == {ids["attn0"], ids["attn1"], ids["all"], ids["te_all"]}
+    assert {r["eval/clip_style"] for r in runs if r["run_id"] == ids["attn0"]} == {"0.7123456789"}
+
+    grids = sorted(out.glob("grid_*.png"))
+    assert [g.name for g in grids] == ["grid_1_a_cat.png", "grid_2_a_dog.png"]
+    grid = Image.open(grids[0]).convert("RGB")
+    # base + all + attn rows, 2 seed columns of 64 px tiles shown at 256 px (4x, nearest).
+    assert grid.size[0] >= 220 + 2 * 256 and grid.size[1] >= 84 + 3 * 256
+    import numpy as np
+
+    blue = int((np.asarray(grid) == (0, 0, 255)).all(axis=-1).sum())
+    assert blue == 2 * 256 * 256  # the "all" row: two tiles, every pixel kept
+    for name in ("score_vs_memory.png", "loss_curves.png"):
+        assert Image.open(out / name).size[0] > 500
+
     printed = capsys.readouterr().out
-    assert "| run | status |" in printed
-    assert f"Report: {out.resolve()}" in printed and "Runs: MLflow experiment" in printed
-
+    assert "## Verdict" in printed and f"Report: {(out / 'ablation.md').resolve()}" in printed
     reports = report_runs(client)
-    assert len(reports) == before + 1 and reports[0].info.run_name == "report"
-    assert {f.path for f in client.list_artifacts(reports[0].info.run_id)} == {
-        "ablation.md", "ablation.csv", "style_vs_memory.png", "loss_curves.png", "grids.png"}
+    assert len(reports) == before + 1 and reports[0].info.run_name == "report s2"
+    assert reports[0].data.tags["sweep_id"] == "s2"
+    assert {f.path for f in client.list_artifacts(reports[0].info.run_id)} >= {
+        "ablation.md", "ablation.csv", "runs.csv", "score_vs_memory.png", "loss_curves.png", "grid_1_a_cat.png"}
 
-    # A second report: a new report run, and no report run among the rows.
-    assert main(["--study", "naruto", "--tracking-uri", study, "--out", str(out)]) == 0
-    assert read_csv(out / "ablation.csv")[1] == rows
-    assert len(report_runs(client)) == before + 2
-
-
-def test_sort_by_another_column(study, tmp_path):
-    out = tmp_path / "report"
-    assert main(["--study", "naruto", "--tracking-uri", study, "--out", str(out),
-                 "--sort-by", "peak_memory_gib", "--no-ascending"]) == 0
-    assert [row[0] for row in read_csv(out / "ablation.csv")[1]] == ["attn", "all", "te_all"]
+    # A second report: the report run is not among the variants.
+    assert main(["--study", "naruto", "--tracking-uri", uri, "--out", str(out), "--no-log"]) == 0
+    assert [v["variant"] for v in read_csv(out / "ablation.csv")] == ["all", "attn", "te_all"]
+    assert len(report_runs(client)) == before + 1  # --no-log
 
 
-def test_unknown_study_and_column_are_clear_errors(study, tmp_path, capsys):
-    assert main(["--study", "nope", "--tracking-uri", study, "--out", str(tmp_path / "r")]) == 2
+def test_other_sweeps_on_request_and_clear_errors(study, tmp_path, capsys):
+    uri, ids = study
+    out = tmp_path / "r"
+    assert main(["--study", "naruto", "--tracking-uri", uri, "--out", str(out), "--sweep", "s1", "--no-log"]) == 0
+    assert [r["run_id"] for r in read_csv(out / "runs.csv")] == [ids["old"]]
+    assert main(["--study", "naruto", "--tracking-uri", uri, "--out", str(out), "--all-sweeps", "--no-log"]) == 0
+    assert len(read_csv(out / "runs.csv")) == 5
+    # attn from s1 and the seeds of attn from s2 differ only in the seed: one variant of 3 runs.
+    assert {v["variant"]: v["runs"] for v in read_csv(out / "ablation.csv")}["attn"] == "3"
+    capsys.readouterr()
+    assert main(["--study", "nope", "--tracking-uri", uri, "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "no study 'nope'" in err and "naruto" in err  # names the studies that do exist
-    assert main(["--study", "naruto", "--tracking-uri", study, "--out", str(tmp_path / "r"),
-                 "--sort-by", "bogus"]) == 2
-    assert "not a column" in capsys.readouterr().err
+    assert "no study 'nope'" in err and "naruto" in err
+    assert main(["--study", "naruto", "--tracking-uri", uri, "--out", str(out), "--sweep", "zzz"]) == 2
+    assert "--sweep 'zzz' is not a sweep of this study; its sweeps: s1 (" in capsys.readouterr().err

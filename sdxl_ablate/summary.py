@@ -1,0 +1,80 @@
+"""The headline numbers of one variant, under `summary/*`: what a person compares first.
+
+`python -m sdxl_ablate` logs them once per variant at the end of `runner.run` (after
+evaluation); the report and the MLflow UI read them. Each is derived from metrics the run
+already logged, so a missing source metric means a missing summary metric, never a made-up
+value:
+
+- `summary/clip_style_lift`, `summary/clip_text_lift`: eval/clip_style - eval/clip_style_base
+  (how much more the LoRA's images look like the training style than the base model's), and
+  the same for the prompt score.
+- `summary/clip_style`, `summary/clip_text`: the LoRA's CLIP scores themselves.
+- `summary/heldout_loss_drop`: eval/heldout_loss_base - eval/heldout_loss (positive: the LoRA
+  denoises the held-out images better than the base model).
+- `summary/peak_memory_gib`: the training peak: CUDA reserved on a GPU, the resident set on a
+  CPU (the run's `device` tag says which); `summary/peak_vram_gib` as well on a GPU.
+- `summary/images_per_s`, `summary/step_time_s`: training speed.
+- `summary/trainable_params`: the LoRA's parameter count.
+- `summary/final_loss`: train/final_loss.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Mapping
+
+log = logging.getLogger(__name__)
+
+PREFIX = "summary/"
+
+# summary name -> the logged metric it copies
+_COPIED = {
+    "clip_style": "eval/clip_style",
+    "clip_text": "eval/clip_text",
+    "images_per_s": "perf/images_per_s",
+    "step_time_s": "perf/step_time_s",
+    "trainable_params": "params/trainable",
+    "final_loss": "train/final_loss",
+}
+
+
+
+def peak_memory(metrics: Mapping[str, float]) -> tuple[float | None, str]:
+    """(GiB, kind) of the training peak: CUDA reserved where measured, else the CPU resident set."""
+    if "memory/peak_reserved_gib" in metrics:
+        return metrics["memory/peak_reserved_gib"], "cuda_reserved"
+    if "memory/peak_rss_gib" in metrics:
+        return metrics["memory/peak_rss_gib"], "cpu_rss"
+    return None, ""
+
+
+def summary_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
+    """The `summary/*` metrics of one variant from its logged metrics (missing sources are left out)."""
+    m = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+    out = {PREFIX + name: m[src] for name, src in _COPIED.items() if src in m}
+    for score in ("clip_style", "clip_text"):
+        if f"eval/{score}" in m and f"eval/{score}_base" in m:
+            out[f"{PREFIX}{score}_lift"] = m[f"eval/{score}"] - m[f"eval/{score}_base"]
+    if "eval/heldout_loss" in m and "eval/heldout_loss_base" in m:
+        out[PREFIX + "heldout_loss_drop"] = m["eval/heldout_loss_base"] - m["eval/heldout_loss"]
+    memory, kind = peak_memory(m)
+    if memory is not None:
+        out[PREFIX + "peak_memory_gib"] = memory
+        if kind == "cuda_reserved":
+            out[PREFIX + "peak_vram_gib"] = memory
+    return out
+
+
+def log_summary(tracker) -> dict[str, float]:
+    """Reads the run's metrics back from MLflow (what was logged is what is summarised) and
+    logs its `summary/*` metrics through the Tracker; returns them."""
+    try:
+        metrics = tracker.client.get_run(tracker.run_id).data.metrics
+    except Exception as err:  # noqa: BLE001 - e.g. the store is down and the run is journaled
+        log.warning("summary/* not logged: the run's metrics cannot be read back from MLflow (%s: %s)",
+                    type(err).__name__, err)
+        return {}
+    summary = summary_metrics(metrics)
+    tracker.log_metrics(summary)
+    return summary

@@ -1,0 +1,62 @@
+"""make ui-check: the MLflow UI in headless chromium over a small study (skipped without chromium)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from sdxl_ablate.ui_check import main
+
+pytestmark = pytest.mark.slow
+needs_chromium = pytest.mark.skipif(not Path("/usr/bin/chromium").exists() and not shutil.which("chromium"),
+                                    reason="needs chromium (apt-get install -y chromium)")
+
+
+def make_study(tmp_path: Path, with_summary: bool) -> str:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("uistudy", artifact_location=(tmp_path / "artifacts").as_uri())
+    for name, memory in (("variant=attn", 1.25), ("variant=all", 1.5)):
+        tags = {"kind": "variant", "sweep_id": "abc123", "status": "ok"}
+        run_id = client.create_run(exp, run_name=name, tags=tags).info.run_id
+        metrics = {"train/final_loss": 0.5, "memory/peak_rss_gib": memory, "perf/images_per_s": 2.0}
+        if with_summary:
+            metrics.update({"summary/peak_memory_gib": memory, "summary/images_per_s": 2.0,
+                            "summary/final_loss": 0.5})
+        for k, v in metrics.items():
+            client.log_metric(run_id, k, v)
+        client.set_terminated(run_id, "FINISHED")
+    return uri
+
+
+@needs_chromium
+def test_ui_check_screenshots_the_study(tmp_path, capsys):
+    uri = make_study(tmp_path, with_summary=True)
+    out = tmp_path / "ui"
+    assert main(["--study", "uistudy", "--tracking-uri", uri, "--out", str(out)]) == 0, capsys.readouterr().err
+    for name in ("runs_table", "chart_view", "compare_runs"):
+        image = Image.open(out / f"{name}.png")
+        assert image.size == (1680, 1050)
+        import numpy as np
+
+        assert len(np.unique(np.asarray(image.convert("L").resize((64, 40))))) > 20  # a rendered page, not blank
+    assert "ui-check ok: 2 runs of sweep abc123" in capsys.readouterr().out
+
+
+@needs_chromium
+def test_ui_check_fails_when_headline_metrics_are_missing(tmp_path, capsys):
+    uri = make_study(tmp_path, with_summary=False)
+    assert main(["--study", "uistudy", "--tracking-uri", uri, "--out", str(tmp_path / "ui")]) == 1
+    err = capsys.readouterr().err
+    assert "lacks summary/peak_memory_gib, summary/images_per_s, summary/final_loss" in err
+
+
+def test_ui_check_unknown_study_is_a_clear_error(tmp_path, capsys):
+    uri = make_study(tmp_path, with_summary=True)
+    assert main(["--study", "nope", "--tracking-uri", uri, "--out", str(tmp_path / "ui"),
+                 "--chromium", "/bin/true"]) == 2
+    assert "no study 'nope'" in capsys.readouterr().err
