@@ -53,6 +53,7 @@ from .summary import peak_memory
 AXES = ("lora.targets", "lora.text_encoder", "lora.use_dora", "lora.dropout", "trainer.precision",
         "trainer.optimizer", "data.resolution")
 LEGACY_SWEEP = "legacy"
+REUSED_TAG = "reused."  # sweep.REUSED_TAG (not imported: the report needs no Hydra)
 # Params that say where a run wrote or which seed it drew, not what it trained.
 _NOT_THE_VARIANT = ("trainer.seed", "tracking.", "trainer.cache_dir")
 
@@ -106,6 +107,13 @@ class RunRecord:
     params: dict[str, str] = field(default_factory=dict)
     loss_history: list[tuple[int, float]] = field(default_factory=list)  # (step, train/loss)
     images: Optional[RunImages] = None
+    # Later sweeps that reused this finished run instead of training it again (their parent run's
+    # `reused.<run id>` tags): sweep id -> that sweep's start (ms).
+    reused_by: dict[str, int] = field(default_factory=dict)
+
+    def sweep_starts(self) -> dict[str, int]:
+        """Every sweep this run belongs to, with the time that sweep started."""
+        return {self.sweep_id: self.start_time, **self.reused_by}
 
     @property
     def status(self) -> str:
@@ -157,11 +165,12 @@ class SweepInfo:
 
 def sweeps(records: list[RunRecord]) -> list[SweepInfo]:
     """The sweeps among the variant runs, oldest first (by their first run's start)."""
-    by_id: dict[str, list[RunRecord]] = {}
+    starts: dict[str, list[int]] = {}
     for r in records:
         if r.kind == "variant":
-            by_id.setdefault(r.sweep_id, []).append(r)
-    infos = [SweepInfo(k, min(r.start_time for r in v), len(v)) for k, v in by_id.items()]
+            for sweep_id, start in r.sweep_starts().items():
+                starts.setdefault(sweep_id, []).append(start)
+    infos = [SweepInfo(k, min(v), len(v)) for k, v in starts.items()]
     return sorted(infos, key=lambda s: (s.start_time, s.sweep_id))
 
 
@@ -179,7 +188,7 @@ def select_runs(records: list[RunRecord], sweep: Optional[str] = None,
         chosen = [sweep]
     else:
         chosen = [infos[-1].sweep_id]
-    runs = [r for r in records if r.kind == "variant" and r.sweep_id in chosen]
+    runs = [r for r in records if r.kind == "variant" and set(r.sweep_starts()) & set(chosen)]
     return sorted(runs, key=lambda r: (r.start_time, r.name)), chosen
 
 
@@ -761,9 +770,13 @@ def read_runs(client, study: str, image_dir: Optional[Path]) -> list[RunRecord]:
     if experiment is None:
         names = sorted(e.name for e in client.search_experiments())
         raise ReportError(f"no study {study!r} in {client.tracking_uri}; studies there: {', '.join(names) or 'none'}")
-    records = []
+    records, reused_by = [], {}
     for run in _all_runs(client, experiment.experiment_id):
         tags = dict(run.data.tags)
+        if tags.get("kind") == "sweep":  # a sweep's parent: the finished runs it reused
+            for key in tags:
+                if key.startswith(REUSED_TAG):
+                    reused_by.setdefault(key[len(REUSED_TAG):], {})[tags["sweep_id"]] = run.info.start_time or 0
         if tags.get("kind", "variant") != "variant":
             continue
         run_id = run.info.run_id
@@ -775,6 +788,8 @@ def read_runs(client, study: str, image_dir: Optional[Path]) -> list[RunRecord]:
         ))
     if not records:
         raise ReportError(f"study {study!r} in {client.tracking_uri} has no variant runs yet")
+    for r in records:
+        r.reused_by = reused_by.get(r.run_id, {})
     return records
 
 
