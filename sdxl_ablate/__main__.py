@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from pathlib import Path
 
 import hydra
@@ -11,10 +13,12 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from .config import ConfigError, TrackingConfig, register_configs, to_typed
+from .launchers import register_resolvers
 from .tracking import Tracker, resolve_uri
 
 log = logging.getLogger("sdxl_ablate")
 register_configs()
+register_resolvers()
 
 
 def run_name() -> str:
@@ -47,4 +51,8 @@ def main(dcfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: rank 0 alone owns the output dir
+        from .distributed import hydra_overrides
+
+        sys.argv += hydra_overrides()
     main()

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
 from .config import Config, flatten, to_yaml
 from .data import load_data
+from .devices import acquire_device, gpu_required_by_launcher
 from .lora import save_lora
 from .memory import MemoryGuard, configure_allocator, is_oom
 from .models import load_components
@@ -50,14 +52,22 @@ def variant_tags(cfg: Config) -> dict[str, str]:
 def run(cfg: Config, run_name: str, output_dir: Path) -> float | None:
     """Runs one variant; returns its final training loss (the sweep metric), None if it failed."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
+    # A GPU of its own for this job (devices.py); under torchrun, its rank's GPU (distributed.py).
+    ddp = distributed.from_env()
+    claim = acquire_device(cfg.device, gpu_required_by_launcher(), local_rank=ddp.local_rank if ddp else None)
+    device = claim.device
+    distributed.setup(device)
     configure_allocator(cfg.memory.expandable_segments)
     guard = MemoryGuard(cfg.memory.budget_gib, device, cfg.memory.enforce)
-    with Tracker(cfg.tracking, cfg.study, run_name, tags=variant_tags(cfg)) as tracker:
+    peak_memory = guard.peak if ddp is None else lambda: ddp.max_over_ranks(guard.peak())  # the fullest GPU
+    # Rank 0 alone owns the MLflow run. (The claim is entered first: released whatever happens.)
+    with claim, (Tracker(cfg.tracking, cfg.study, run_name, tags=variant_tags(cfg)) if ddp is None or ddp.is_main
+                 else distributed.NullTracker()) as tracker:
         tracker.log_params(flatten(cfg))
         tracker.log_text(to_yaml(cfg), "config.yaml")
         tracker.set_tags({"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                          "output_dir": str(output_dir)})
+                          "output_dir": str(output_dir), **claim.tags(),
+                          **({"ddp.world_size": str(ddp.world)} if ddp else {})})
         components = None
         guard.start()
         try:
@@ -67,8 +77,8 @@ def run(cfg: Config, run_name: str, output_dir: Path) -> float | None:
             if data.skipped:
                 tracker.log_text("\n".join(data.skipped), "data/skipped_images.txt")
             components = load_components(cfg.model)
-            result = train(components, data, cfg, device, tracker.log_metrics, guard.peak)
-            peak = guard.peak()
+            result = train(components, data, cfg, device, tracker.log_metrics, peak_memory)
+            peak = peak_memory()
             fits = guard.fits(peak)
             tracker.log_metrics({
                 **peak,
@@ -83,7 +93,7 @@ def run(cfg: Config, run_name: str, output_dir: Path) -> float | None:
                 tracker.set_status(result.status, error=f"{result.nonfinite_steps} non-finite losses, "
                                    f"{cfg.trainer.max_nonfinite_in_row} in a row")
                 return None
-            if cfg.trainer.save_lora:
+            if cfg.trainer.save_lora and (ddp is None or ddp.is_main):
                 lora_file = save_lora(components, output_dir / "lora")
                 if cfg.tracking.log_weights:
                     tracker.log_artifact(lora_file, "lora")
@@ -95,6 +105,8 @@ def run(cfg: Config, run_name: str, output_dir: Path) -> float | None:
             log.info("variant %s: ok, final loss %.4f, %s", run_name, result.final_loss, peak)
             return result.final_loss
         except Exception as err:  # noqa: BLE001 - a failing variant must never stop the sweep
+            if ddp is not None and not ddp.is_main:
+                raise  # torchrun then stops every rank; rank 0 records the failure (distributed.py)
             status = "oom" if is_oom(err) else "failed"
             tracker.log_metrics(guard.peak())
             tracker.set_status(status, error=f"{type(err).__name__}: {err}")

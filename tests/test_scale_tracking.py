@@ -17,14 +17,17 @@ from sdxl_ablate.tracking import artifact_location, get_or_create_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# One job: open the store, find-or-create the study's experiment, log, close. Every job waits
-# for the same wall-clock instant, so they hit the fresh store together.
+# One job: open the store, find-or-create the study's experiment, log, close. A barrier (one
+# ready file per job) makes every job hit the fresh store together, after all the imports.
 JOB = textwrap.dedent("""
-    import sys, time
+    import pathlib, sys, time
     from sdxl_ablate.config import TrackingConfig
     from sdxl_ablate.tracking import Tracker
-    uri, root, start, i = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
-    time.sleep(max(0.0, start - time.time()))
+    uri, root, n, i = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    (pathlib.Path("ready") / i).touch()
+    deadline = time.time() + 300
+    while len(list(pathlib.Path("ready").iterdir())) < n and time.time() < deadline:
+        time.sleep(0.01)
     cfg = TrackingConfig(uri=uri, artifact_root=root or None)
     with Tracker(cfg, "race", f"job{i}", tags={"job": i}) as t:
         t.log_metrics({"train/loss": float(i)}, step=0)
@@ -38,8 +41,8 @@ def _run_jobs(uri: str, artifact_root: str, n: int, tmp_path: Path) -> list[subp
     script = tmp_path / "job.py"
     script.write_text(JOB)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    start = time.time() + 8.0  # after every interpreter has imported mlflow (2 busy cores)
-    procs = [subprocess.Popen([sys.executable, str(script), uri, artifact_root, str(start), str(i)],
+    (tmp_path / "ready").mkdir()
+    procs = [subprocess.Popen([sys.executable, str(script), uri, artifact_root, str(n), str(i)],
                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(n)]
     out = []
@@ -60,8 +63,8 @@ def _assert_all_runs(client: MlflowClient, n: int) -> list:
 
 
 @pytest.mark.slow
-def test_six_jobs_at_once_on_a_fresh_sqlite_store(tmp_path):
-    n = 6
+def test_five_jobs_at_once_on_a_fresh_sqlite_store(tmp_path):
+    n = 5
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     results = _run_jobs(uri, str(tmp_path / "artifacts"), n, tmp_path)
     for r in results:
