@@ -44,7 +44,7 @@ def main(dcfg: DictConfig) -> float | None:
     from .runner import run  # heavy imports (torch, diffusers) only once the config is valid
 
     result = run(cfg, run_name(), Path(hc.runtime.output_dir))
-    if hc.mode != RunMode.MULTIRUN:
+    if hc.mode != RunMode.MULTIRUN and os.environ.get("RANK", "0") == "0":
         print(f"\nResults: MLflow experiment '{cfg.tracking.experiment or cfg.study}' at "
               f"{resolve_uri(cfg.tracking)}; files in {hc.runtime.output_dir}")
     return result
