@@ -67,11 +67,16 @@ def test_explicit_index_and_torchrun_rank_take_their_gpu_unclaimed():
     held.release()
 
 
-# Four jobs in four processes, two GPUs: each claims one, holds it 1.5 s, writes when it held it.
+# Four jobs in four processes, two GPUs: all ask at once (a barrier of ready files), each holds
+# its GPU 1.5 s and prints when it held it.
 CLAIMER = textwrap.dedent("""
-    import sys, time
+    import pathlib, sys, time
     from sdxl_ablate.devices import Gpu, acquire_device
     gpus = [Gpu(0, "GPU-aaaa", "H200"), Gpu(1, "GPU-bbbb", "H200")]
+    ready = pathlib.Path(sys.argv[1])
+    (ready / sys.argv[2]).touch()
+    while len(list(ready.iterdir())) < 4:
+        time.sleep(0.01)
     with acquire_device("auto", gpus=gpus) as claim:
         start = time.time()
         time.sleep(1.5)
@@ -83,19 +88,23 @@ CLAIMER = textwrap.dedent("""
 def test_four_processes_never_share_a_gpu(tmp_path):
     script = tmp_path / "claim.py"
     script.write_text(CLAIMER)
+    (tmp_path / "ready").mkdir()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(4)]
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / "ready"), str(i)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(4)]
     held = []
     for p in procs:
         out, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-2000:]
         uuid, start, end = out.split()
-        held.append((uuid, float(start), float(end)))
-    assert sorted(u for u, _, _ in held) == ["GPU-aaaa", "GPU-aaaa", "GPU-bbbb", "GPU-bbbb"]
+        held.append((float(start), float(end), uuid))
+    held.sort()
+    assert {held[0][2], held[1][2]} == {"GPU-aaaa", "GPU-bbbb"}  # the first two ran at once, one per GPU
+    assert held[1][0] < held[0][1]  # (they did overlap in time)
     for uuid in ("GPU-aaaa", "GPU-bbbb"):
-        first, second = sorted((start, end) for u, start, end in held if u == uuid)
-        assert first[1] <= second[0] + 0.05  # the second holder started after the first let go
+        spans = [(s, e) for s, e, u in held if u == uuid]
+        for (_, end), (start, _) in zip(spans, spans[1:]):
+            assert end <= start + 0.05  # a later holder of this GPU started only after the previous let go
 
 
 def test_launcher_presets_compose():
