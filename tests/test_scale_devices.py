@@ -152,3 +152,30 @@ def test_joblib_sweep_of_four_jobs_on_a_fresh_store_loses_no_run(tmp_path):
     assert [r.info.status for r in runs] == ["FINISHED"] * 4
     assert {r.data.tags["status"] for r in runs} == {"ok"}
     assert len({r.data.tags["output_dir"] for r in runs}) == 4
+
+
+def test_memory_guard_caps_and_reads_the_claimed_gpu(monkeypatch):
+    """The second job's guard acts on cuda:1, the GPU it claimed, never on cuda:0 (the CUDA calls
+    are recorded: no GPU here)."""
+    from types import SimpleNamespace
+
+    from sdxl_ablate.memory import MemoryGuard
+
+    calls = []
+    cuda = torch.cuda
+    monkeypatch.setattr(cuda, "synchronize", lambda d=None: calls.append(("sync", d)))
+    monkeypatch.setattr(cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=140 * 1024**3))
+    monkeypatch.setattr(cuda, "set_per_process_memory_fraction", lambda f, d: calls.append(("cap", round(f, 4), d)))
+    monkeypatch.setattr(cuda, "reset_peak_memory_stats", lambda d: calls.append(("reset", d)))
+    monkeypatch.setattr(cuda, "max_memory_allocated", lambda d: calls.append(("alloc", d)) or 3 * 1024**3)
+    monkeypatch.setattr(cuda, "max_memory_reserved", lambda d: calls.append(("reserved", d)) or 4 * 1024**3)
+    first = acquire_device("auto", gpus=H200)
+    second = acquire_device("auto", gpus=H200)
+    guard = MemoryGuard(16, second.device)
+    guard.start()
+    assert guard.peak() == {"memory/peak_allocated_gib": 3.0, "memory/peak_reserved_gib": 4.0}
+    one = torch.device("cuda", 1)
+    assert calls == [("sync", one), ("cap", round(16 / 140, 4), one), ("reset", one), ("alloc", one), ("reserved", one)]
+    first.release()
+    second.release()
