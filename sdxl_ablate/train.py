@@ -438,17 +438,22 @@ def train(components, data: LoadedData, cfg: Config, device: torch.device,
             for micro in range(t.grad_accum):
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                     latents, embeds, pooled, time_ids = next_inputs(next(order))
-                noise, timesteps = draw_noise(latents, c.noise_scheduler.config.num_train_timesteps,
-                                              t.noise_offset, generator)
-                inputs = (latents, noise, timesteps, embeds, pooled, time_ids)
-                if ddp is not None:  # every rank drew the global batch's randomness; each trains its slice
-                    inputs = ddp.shard(*inputs)
                 eager = graphed is None or step < GRAPH_WARMUP_STEPS
-                if eager:
+                if eager and ddp is None:
                     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                        loss = denoising_loss(c.unet, c.noise_scheduler, *inputs, cfg)
-                else:  # the graph runs the backward too (its gradients go unused if the loss is not finite)
-                    loss = graphed(*inputs, micro_batch=micro, micro_batches=t.grad_accum)
+                        loss = diffusion_loss(c.unet, c.noise_scheduler, latents, embeds, pooled, time_ids, cfg,
+                                              generator)
+                else:
+                    noise, timesteps = draw_noise(latents, c.noise_scheduler.config.num_train_timesteps,
+                                                  t.noise_offset, generator)
+                    inputs = (latents, noise, timesteps, embeds, pooled, time_ids)
+                    if ddp is not None:  # every rank drew the global batch's randomness; each trains its slice
+                        inputs = ddp.shard(*inputs)
+                    if eager:
+                        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                            loss = denoising_loss(c.unet, c.noise_scheduler, *inputs, cfg)
+                    else:  # the graph runs the backward too (its gradients go unused if the loss is not finite)
+                        loss = graphed(*inputs, micro_batch=micro, micro_batches=t.grad_accum)
                 global_loss = loss if ddp is None else ddp.mean(loss)  # the same decision on every rank
                 finite = bool(torch.isfinite(global_loss))
                 if finite and eager:
