@@ -7,6 +7,7 @@ Exit code: the number of variants that did not end with status `ok` (0 when all 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -17,10 +18,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import sweep
 from .config import ConfigError, TrackingConfig, register_configs, to_typed
+from .launchers import register_resolvers
 from .tracking import Tracker, resolve_uri
 
 log = logging.getLogger("sdxl_ablate")
 register_configs()
+register_resolvers()
 _single_run_failed = False
 
 
@@ -62,6 +65,7 @@ def main(dcfg: DictConfig) -> float | None:
     result = run(cfg, run_name(), Path(hc.runtime.output_dir), info)
     if not multirun:
         _single_run_failed = result is None
+    if not multirun and os.environ.get("RANK", "0") == "0":
         print(f"\nResults: MLflow experiment '{cfg.tracking.experiment or cfg.study}' at "
               f"{resolve_uri(cfg.tracking)}; files in {hc.runtime.output_dir}")
     return result
@@ -74,5 +78,9 @@ def exit_code() -> int:
 
 
 if __name__ == "__main__":
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: rank 0 alone owns the output dir
+        from .distributed import hydra_overrides
+
+        sys.argv += hydra_overrides()
     main()
     sys.exit(exit_code())

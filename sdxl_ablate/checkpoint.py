@@ -349,3 +349,15 @@ class Checkpointer:
         self.written.append(path)
         log.info("checkpoint written: %s", path)
         return path
+
+
+class NoCheckpoints:
+    """A loop that is not checkpointed (data-parallel runs, for now): starts at step 0, writes nothing."""
+
+    failures: list[str] = []
+
+    def restore(self, ts, n_train: int) -> int:
+        return 0
+
+    def after_step(self, ts, total_steps: int, n_train: int) -> None:
+        return None

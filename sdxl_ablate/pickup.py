@@ -36,7 +36,7 @@ from typing import Any, Callable
 
 from mlflow.tracking import MlflowClient
 
-from .checkpoint import (META, Checkpointer, ConfigMismatch, atomic_write_json,
+from .checkpoint import (META, Checkpointer, NoCheckpoints, ConfigMismatch, atomic_write_json,
                          config_differences, latest_valid, list_checkpoints, verify)
 from .config import Config, config_hash, hashed_items
 from .tracking import resolve_uri
@@ -97,6 +97,8 @@ class Plan:
     _lock: Any = None
 
     def checkpointer(self, cfg: Config) -> Checkpointer:
+        if self.reason == DATA_PARALLEL:
+            return NoCheckpoints()
         t = cfg.trainer
         return Checkpointer(self.directory, t.checkpoint_every or None, t.keep_checkpoints, hashed_items(cfg),
                             resume_from=self.resume_from)
@@ -226,6 +228,18 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+# Data-parallel ranks would each have to reach the same skip/resume decision and restore the same
+# checkpoint; until that is built, a data-parallel run always starts and writes no checkpoints.
+DATA_PARALLEL = "data-parallel (torchrun): no skip, resume or checkpoints"
+
+
+def data_parallel_plan(cfg: Config) -> Plan:
+    chash = config_hash(cfg)
+    directory = variant_dir(cfg, chash)
+    directory.mkdir(parents=True, exist_ok=True)
+    return Plan("start", chash, directory, DATA_PARALLEL, tags={HASH_TAG: chash})
 
 
 def plan_variant(cfg: Config, run_name: str) -> Plan:

@@ -13,10 +13,13 @@ import json
 import logging
 import os
 import random
+import secrets
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from PIL import ImageOps
 
 from .config import Config, cache_root
@@ -85,16 +88,61 @@ class LatentCache:
 _MEMORY: dict[str, LatentCache] = {}  # this process's caches: a sweep's later variants skip the disk
 
 
+def weights_fingerprint(cfg: Config, with_prompts: bool) -> list:
+    """What identifies the weights that make the cached tensors (the VAE, and the text encoders
+    when prompts are cached), beyond the model's name: a local directory can be retrained or
+    replaced under the same path, and a hub branch can move.
+
+    - local directory: every file's relative name, size and mtime (no weight is read: cheap
+      on a 7 GB model, and any rewrite of a weight file changes its mtime);
+    - hub id: the commit the local hub cache resolves it to (snapshots/<commit>);
+    - models built in code (tiny, sdxl_random): their kind and seed are the whole identity.
+    """
+    m = cfg.model
+    if m.kind.value != "pretrained":
+        return []
+    parts = ["vae"] if not m.vae else []
+    if with_prompts:
+        parts += ["text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"]
+    out = [_source_fingerprint(m.pretrained, m.revision, "model_index.json", parts)]
+    if m.vae:
+        out.append(_source_fingerprint(m.vae, None, "config.json", [""]))
+    return out
+
+
+def _source_fingerprint(given: str, revision: str | None, marker: str, parts: list[str]) -> list:
+    path = Path(given).expanduser()
+    if path.is_dir():
+        files = []
+        for part in parts:
+            root = path / part
+            for f in sorted(root.rglob("*") if root.is_dir() else []):
+                if f.is_file():
+                    st = f.stat()
+                    files.append([f.relative_to(path).as_posix(), st.st_size, st.st_mtime_ns])
+        return ["dir", str(path.resolve()), files]
+    import huggingface_hub
+
+    found = huggingface_hub.try_to_load_from_cache(given, marker, revision=revision)
+    if not isinstance(found, str):
+        # Loading succeeded, so the files came from somewhere the hub cache cannot name (e.g. a
+        # custom cache dir): key on the id and revision, and say so.
+        log.warning("latent cache: cannot resolve %s@%s to a hub commit; keyed on the name only", given, revision)
+        return ["hub", given, revision]
+    return ["hub", given, Path(found).parent.name]  # .../snapshots/<commit>/<marker>
+
+
 def cache_key(cfg: Config, examples: list[Example], with_prompts: bool, dtype: torch.dtype) -> str:
     h = hashlib.sha256()
     m, d = cfg.model, cfg.data
     ident = {
         "model": [m.kind.value, m.pretrained, m.revision, m.vae, m.vae_fp16_safe],
+        "weights": weights_fingerprint(cfg, with_prompts),
         "data": [d.resolution, d.crop.value, d.flip, d.caption_dropout > 0],
         "prompts": with_prompts,
         "dtype": str(dtype),
         "seed": cfg.trainer.seed,
-        "version": 2,  # 2: safetensors instead of a pickle
+        "version": 3,  # 2: keyed by the model's weights; 3: safetensors instead of a pickle
     }
     h.update(json.dumps(ident, sort_keys=True).encode())
     for ex in examples:  # the content itself: a changed image or caption is a new cache
@@ -113,12 +161,27 @@ def build_cache(cfg: Config, components, examples: list[Example], with_prompts: 
     if key in _MEMORY:
         return _MEMORY[key]
     path = (cache_dir or cache_root() / "latents") / f"{key}.safetensors"
-    if path.is_file():
-        log.info("latent cache hit: %s", path)
-        cache = load_cache(path)
-        _MEMORY[key] = cache
-        return cache
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Workers of a sweep (or ranks of one run) starting together: the first takes the lock and
+    # encodes, the others wait on it and then read its file, so the set is encoded once.
+    with FileLock(str(path) + ".lock"):
+        if path.is_file():
+            log.info("latent cache hit: %s", path)
+            cache = load_cache(path)
+        else:
+            cache = _encode(cfg, components, examples, with_prompts, embed_dtype, batch_size)
+            # Unique across hosts sharing the cache dir (hostname + pid + random), then an
+            # atomic rename: no reader ever sees half a file.
+            tmp = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+            save_cache(cache, tmp)
+            tmp.replace(path)
+            log.info("latent cache written: %s (%d images)", path, len(cache.items))
+    _MEMORY[key] = cache
+    return cache
 
+
+def _encode(cfg: Config, components, examples: list[Example], with_prompts: bool, embed_dtype: torch.dtype,
+            batch_size: int) -> LatentCache:
     transform = ImageTransform(cfg.data.resolution, cfg.data.crop, flip=False)
     rng = random.Random(cfg.trainer.seed)
     # A random crop is drawn once per image here: the cache trades crop variety for speed.
@@ -143,14 +206,7 @@ def build_cache(cfg: Config, components, examples: list[Example], with_prompts: 
                                                 components.tokenizer, components.tokenizer_2, chunk)
                 for prompt, e, p in zip(chunk, embeds.to("cpu", embed_dtype), pooled.to("cpu", embed_dtype)):
                     prompt_embeds[prompt] = (e, p)
-    cache = LatentCache(items, prompt_embeds)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_cache(cache, tmp)
-    tmp.replace(path)  # atomic: a concurrent sweep never reads half a file
-    _MEMORY[key] = cache
-    log.info("latent cache written: %s (%d images)", path, len(items))
-    return cache
+    return LatentCache(items, prompt_embeds)
 
 
 def save_cache(cache: LatentCache, path: Path) -> None:

@@ -10,6 +10,7 @@ and `python -m sdxl_ablate.evaluate --run-id ID` can evaluate it later.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import traceback
 from dataclasses import replace
@@ -18,8 +19,10 @@ from typing import Optional
 
 import torch
 
+from . import distributed
 from .config import Config, to_yaml, used_params
 from .data import load_data
+from .devices import acquire_device, gpu_required_by_launcher
 from .export import log_kohya
 from .lora import lora_b_all_zero, save_lora
 from .basecache import acquire, last_use, release
@@ -27,7 +30,7 @@ from .journal import JournalingTracker
 from .memory import MemoryGuard, configure_allocator, is_oom
 from .models import load_components
 from .phases import Phases
-from .pickup import Plan, VariantBusy, plan_variant
+from .pickup import Plan, VariantBusy, data_parallel_plan, plan_variant
 from .progress import job_label
 from .samples import training_hooks
 from .summary import log_summary
@@ -94,6 +97,9 @@ def run(cfg: Config, run_name: str, output_dir: Path, sweep: Optional[SweepInfo]
     run it reuses); an interrupted one resumes into its own run (pickup.py)."""
     output_dir.mkdir(parents=True, exist_ok=True)
     sweep = sweep or SweepInfo(new_sweep_id())
+    ddp = distributed.from_env()
+    if ddp is not None:  # under torchrun: every rank starts (pickup.DATA_PARALLEL); rank 0 records
+        return run_planned(cfg, run_name, output_dir, data_parallel_plan(cfg), sweep, ddp)
     try:
         plan = plan_variant(cfg, run_name)
     except VariantBusy as err:  # another live process trains this very config: leave it to that one
@@ -108,25 +114,37 @@ def run(cfg: Config, run_name: str, output_dir: Path, sweep: Optional[SweepInfo]
         plan.release()
 
 
-def run_planned(cfg: Config, run_name: str, output_dir: Path, plan: Plan, sweep: SweepInfo) -> float | None:
+def run_planned(cfg: Config, run_name: str, output_dir: Path, plan: Plan, sweep: SweepInfo,
+                ddp: Optional[distributed.Ddp] = None) -> float | None:
     phases = Phases()  # where the variant's time goes: time/* metrics and phases.json
     configure_allocator(cfg.memory.expandable_segments)
+    main_rank = ddp is None or ddp.is_main
     # MLflow, or the run's own journal when MLflow fails: training never stops for tracking.
+    # Under torchrun rank 0 alone owns the run; the other ranks log nothing.
     with phases("logging"):
-        tracker = JournalingTracker(cfg.tracking, cfg.study, run_name, output_dir,
-                                    tags={**variant_tags(cfg), **sweep.tags(), **plan.tags}, run_id=plan.run_id)
-    with tracker:
+        tracker = (JournalingTracker(cfg.tracking, cfg.study, run_name, output_dir,
+                                     tags={**variant_tags(cfg), **sweep.tags(), **plan.tags}, run_id=plan.run_id)
+                   if main_rank else distributed.NullTracker())
+    with tracker, contextlib.ExitStack() as held:
         phases.instrument(tracker)
-        plan.opened(tracker, tracker.uri)
+        if main_rank:
+            plan.opened(tracker, tracker.uri)
         tracker.log_params(plan.params_to_log(used_params(cfg), tracker))
         tracker.log_text(to_yaml(cfg), "config.yaml")
         tracker.set_tags({"output_dir": str(output_dir)})
         components, guard, device = None, None, None
         try:
-            device = resolve_device(cfg.device)
-            tracker.set_tags({"device": device_tag(device)})
+            # A GPU of its own for this job (devices.py); under torchrun, its rank's GPU.
+            claim = held.enter_context(acquire_device(cfg.device, gpu_required_by_launcher(),
+                                                      local_rank=ddp.local_rank if ddp else None))
+            device = claim.device
+            distributed.setup(device)
+            tracker.set_tags({"device": device_tag(device), **claim.tags(),
+                              **({"ddp.world_size": str(ddp.world)} if ddp else {})})
             guard = MemoryGuard(cfg.memory.budget_gib, device, cfg.memory.enforce)
             guard.start()
+            # Under torchrun: the fullest GPU's numbers.
+            memory_stats = guard.peak if ddp is None else lambda: ddp.max_over_ranks(guard.peak())
             with phases("data"):
                 data = load_data(cfg.data)
             tracker.log_metrics({"data/train_images": len(data.train), "data/heldout_images": len(data.heldout),
@@ -152,12 +170,12 @@ def run_planned(cfg: Config, run_name: str, output_dir: Path, plan: Plan, sweep:
 
             checkpointer = plan.checkpointer(cfg)
             with phases("train_other"):
-                result = train(components, data, cfg, device, plan.metrics_logger(tracker.log_metrics), guard.peak,
+                result = train(components, data, cfg, device, plan.metrics_logger(tracker.log_metrics), memory_stats,
                                hooks=replace(hooks, loop_start=training_starts), checkpointer=checkpointer)
             phases.split_training(result)
             if checkpointer.failures:
                 tracker.set_tags({"checkpoint.errors": " | ".join(checkpointer.failures)[:5000]})
-            peak = guard.peak()
+            peak = memory_stats()
             fits = guard.fits(peak, precompute_peak)
             tracker.log_metrics({
                 **peak,
@@ -174,7 +192,7 @@ def run_planned(cfg: Config, run_name: str, output_dir: Path, plan: Plan, sweep:
                 return None
             no_effect = no_effect_reason(cfg, components, {})
             eval_metrics: dict[str, float] = {}
-            if cfg.trainer.save_lora:
+            if cfg.trainer.save_lora and main_rank:
                 with phases("saving"):
                     lora_file = save_lora(components, output_dir / "lora")
                 if cfg.tracking.log_weights:
@@ -196,6 +214,8 @@ def run_planned(cfg: Config, run_name: str, output_dir: Path, plan: Plan, sweep:
             log.info("variant %s: ok, final loss %.4f, %s", run_name, result.final_loss, peak)
             return result.final_loss
         except Exception as err:  # noqa: BLE001 - a failing variant must never stop the sweep
+            if ddp is not None and not ddp.is_main:
+                raise  # torchrun then stops every rank; rank 0 records the failure (distributed.py)
             status = "oom" if is_oom(err) else "failed"
             if guard is not None:
                 tracker.log_metrics(guard.peak())

@@ -6,14 +6,20 @@ leak from one sweep job into the next (Hydra runs a sweep's jobs in one process)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlparse
+
+from filelock import FileLock
 
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
 
 from .config import TrackingConfig
@@ -30,12 +36,83 @@ def resolve_uri(cfg: TrackingConfig) -> str:
     return cfg.uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+def connect(uri: str) -> MlflowClient:
+    """An MlflowClient on `uri`, safe when many jobs open a fresh store at once.
+
+    MlflowClient creates and migrates an empty sqlite store's tables on construction; two
+    processes doing it together fail (`table experiments already exists`, `Online migration
+    expected to match one row`). A lock file beside the database serialises that first step
+    (and the experiment lookup-or-create, see `get_or_create_experiment`).
+    """
+    with store_lock(uri):
+        return MlflowClient(tracking_uri=uri)
+
+
+def store_lock(uri: str):
+    """An inter-process lock for a local sqlite store (`<db>.lock`); a no-op for any other
+    store (a tracking server or a database server serialise their own writes)."""
+    db = _sqlite_path(uri)
+    if db is None:
+        return contextlib.nullcontext()
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(db) + ".lock")
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    return None if path in ("", ":memory:") else Path(path)
+
+
+def is_server(uri: str) -> bool:
+    """A tracking server: it owns the artifact root (`mlflow server --artifacts-destination`)."""
+    return urlparse(uri).scheme in ("http", "https", "databricks")
+
+
+def is_uri(location: str) -> bool:
+    # A scheme of two letters or more (`s3://`, `mlflow-artifacts:/`, `file:///`), not `C:\`.
+    return len(urlparse(location).scheme) > 1
+
+
+def artifact_location(uri: str, name: str, artifact_root: str | None) -> str | None:
+    """Where a new experiment keeps its artifacts; None lets the store decide.
+
+    - tracking.artifact_root set: `<root>/<experiment>`; a URI (`s3://b/p`, `mlflow-artifacts:/`)
+      stays a URI, a path becomes an absolute `file://` URI.
+    - unset, against a tracking server: None, so the server's own artifact root applies and
+      artifacts go through it (forcing a local path would bypass the server).
+    - unset, on a local store: `<cwd>/mlartifacts/<experiment>`.
+    """
+    if artifact_root:
+        if is_uri(artifact_root):
+            return f"{artifact_root.rstrip('/')}/{quote(name)}"
+        return (Path(artifact_root) / name).resolve().as_uri()
+    if is_server(uri):
+        return None
+    return (Path.cwd() / "mlartifacts" / name).resolve().as_uri()
+
+
 def get_or_create_experiment(client: MlflowClient, name: str, artifact_root: str | None) -> str:
+    """The experiment's id, created if missing; safe when many jobs start at once.
+
+    On a local sqlite store the lookup and the creation happen under the store's lock. Against
+    a server, a job that loses the creation race (RESOURCE_ALREADY_EXISTS) reads the winner's.
+    """
+    uri = client.tracking_uri
+    with store_lock(uri):
+        exp = client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location(uri, name, artifact_root))
+        except MlflowException as err:
+            if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+                raise
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    root = Path(artifact_root) if artifact_root else Path.cwd() / "mlartifacts"
-    return client.create_experiment(name, artifact_location=(root / name).resolve().as_uri())
+    if exp is None:
+        raise RuntimeError(f"MLflow experiment {name!r} was reported as existing but cannot be read at {uri}")
+    return exp.experiment_id
 
 
 class Tracker:
@@ -47,7 +124,7 @@ class Tracker:
     def __init__(self, cfg: TrackingConfig, experiment: str, run_name: str, tags: dict[str, str] | None = None,
                  run_id: str | None = None):
         self.uri = resolve_uri(cfg)
-        self.client = MlflowClient(tracking_uri=self.uri)
+        self.client = connect(self.uri)
         self.run_name = run_name
         self._tags = dict(tags or {})
         self.run_id: str | None = run_id  # given: reopen that run (a resume, a re-evaluation)

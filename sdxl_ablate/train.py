@@ -24,6 +24,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import compute_snr
 from tqdm.auto import tqdm
 
+from . import distributed
 from .config import BaseWeights, Config, Optimizer, Precision
 from .data import ImageTransform, LoadedData, pick_caption
 from .checkpoint import Checkpointer
@@ -407,6 +408,10 @@ def train(components, data: LoadedData, cfg: Config, device: torch.device,
     timings = {"prepare_s": -time.perf_counter()}
     params = prepare_model(c, cfg, device)
     timings["prepare_s"] += time.perf_counter()
+    ddp = distributed.current()  # data-parallel under torchrun: see distributed.py
+    if ddp is not None:
+        ddp.check_batch(t.batch_size)
+        ddp.broadcast(params)
     log_metrics({"params/trainable": sum(p.numel() for p in params),
                  "params/unet_total": sum(p.numel() for p in c.unet.parameters())}, 0)
     steps = total_steps(cfg, len(data.train))
@@ -488,22 +493,32 @@ def train(components, data: LoadedData, cfg: Config, device: torch.device,
             for micro in range(t.grad_accum):
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                     latents, embeds, pooled, time_ids = next_inputs(next(order))
-                if graphed is not None and step >= start + GRAPH_WARMUP_STEPS:
-                    noise, timesteps = draw_noise(latents, c.noise_scheduler.config.num_train_timesteps,
-                                                  t.noise_offset, generator)
-                    loss = graphed(latents, noise, timesteps, embeds, pooled, time_ids, micro_batch=micro,
-                                   micro_batches=t.grad_accum)
-                    finite = bool(torch.isfinite(loss))  # the graph ran the backward too; unused if not
-                else:
+                eager = graphed is None or step < start + GRAPH_WARMUP_STEPS
+                if eager and ddp is None:
                     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                         loss = diffusion_loss(c.unet, c.noise_scheduler, latents, embeds, pooled, time_ids, cfg,
                                               generator)
-                    finite = bool(torch.isfinite(loss))
-                    if finite:
-                        scaler.scale(loss / t.grad_accum).backward()
+                else:
+                    noise, timesteps = draw_noise(latents, c.noise_scheduler.config.num_train_timesteps,
+                                                  t.noise_offset, generator)
+                    inputs = (latents, noise, timesteps, embeds, pooled, time_ids)
+                    if ddp is not None:  # every rank drew the global batch's randomness; each trains its slice
+                        inputs = ddp.shard(*inputs)
+                    if eager:
+                        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                            loss = denoising_loss(c.unet, c.noise_scheduler, *inputs, cfg)
+                    else:  # the graph runs the backward too (its gradients go unused if the loss is not finite)
+                        loss = graphed(*inputs, micro_batch=micro, micro_batches=t.grad_accum)
+                global_loss = loss if ddp is None else ddp.mean(loss)  # the same decision on every rank
+                finite = bool(torch.isfinite(global_loss))
+                if finite and eager:
+                    scaler.scale(loss / t.grad_accum).backward()
                 if not finite:
                     break
-                step_loss += loss.item() / t.grad_accum
+                step_loss += global_loss.item() / t.grad_accum
+
+            if finite and ddp is not None:
+                ddp.average_grads(params)
 
             if finite:
                 if t.max_grad_norm is not None:
