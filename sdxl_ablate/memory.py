@@ -65,6 +65,11 @@ class MemoryGuard:
         gc.collect()
         if self.cuda:
             torch.cuda.synchronize(self.device)
+            # cuBLAS keeps a workspace per (handle, stream) for the life of the process; each
+            # variant's training stream would add one more. Freed here, remade on first use.
+            clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+            if clear_workspaces is not None:
+                clear_workspaces()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
@@ -79,6 +84,13 @@ class MemoryGuard:
                 f"{prefix}_reserved_gib": torch.cuda.max_memory_reserved(self.device) / GIB,
             }
         return {f"{prefix}_rss_gib": peak_rss_bytes() / GIB}
+
+    def current(self, prefix: str = "memory/phase_start") -> dict[str, float]:
+        """What is held right now (at a phase start: the live memory the phase begins from)."""
+        if self.cuda:
+            return {f"{prefix}_allocated_gib": torch.cuda.memory_allocated(self.device) / GIB,
+                    f"{prefix}_reserved_gib": torch.cuda.memory_reserved(self.device) / GIB}
+        return {f"{prefix}_rss_gib": current_rss_bytes() / GIB}
 
     def fits(self, *peaks: dict[str, float]) -> bool | None:
         """Whether every phase fits the budget; None where it cannot be told (CPU)."""
@@ -109,6 +121,17 @@ def reset_peak_rss() -> None:
             f.write("5")
     except OSError:
         pass  # not Linux: peak_rss_bytes then reports the process-lifetime peak
+
+
+def current_rss_bytes() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def peak_rss_bytes() -> int:

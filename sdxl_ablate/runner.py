@@ -166,6 +166,7 @@ def run_planned(cfg: Config, run_name: str, output_dir: Path, plan: Plan, sweep:
                 precompute_peak.update(guard.peak("memory/precompute_peak"))
                 tracker.log_metrics(precompute_peak)
                 guard.reset_peak()
+                tracker.log_metrics(guard.current("memory/train_start"))  # the live memory training starts from
                 mark_loop_start()
 
             checkpointer = plan.checkpointer(cfg)

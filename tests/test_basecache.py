@@ -78,7 +78,8 @@ def test_a_variant_gives_the_same_lora_fresh_or_after_another_variant(tmp_path):
     torch.rand(123)
     random.random()
     reuses = basecache.stats.reuses
-    second, _ = run_variant(tmp_path, "x_again", "lora.targets=attn")
+    # force: the same config finished once already, and would otherwise be reused, not retrained
+    second, _ = run_variant(tmp_path, "x_again", "lora.targets=attn", "trainer.force=true")
     assert basecache.stats.reuses == reuses + 1 and basecache.stats.loads == loads + 1  # the same base, reused
     assert_bitwise_equal(first, second)
     assert any(v.abs().sum() > 0 for k, v in first.items() if "lora_B" in k)  # it did train
@@ -201,7 +202,7 @@ def test_cli_variant_in_a_fresh_process_equals_it_after_another_in_a_sweep(tmp_p
         assert proc.returncode == 0, proc.stderr[-3000:]
 
     cli("variant=attn", "hydra.run.dir=alone")
-    cli("variant=dora_prodigy,attn", "hydra.sweep.dir=sweep", sweep=True)
+    cli("variant=dora_prodigy,attn", "hydra.sweep.dir=sweep", "trainer.force=true", sweep=True)  # retrain attn
     alone = load_file(str(tmp_path / "alone" / "lora" / "pytorch_lora_weights.safetensors"))
     after = load_file(str(tmp_path / "sweep" / "1" / "lora" / "pytorch_lora_weights.safetensors"))
     assert_bitwise_equal(alone, after)

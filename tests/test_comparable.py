@@ -23,7 +23,8 @@ def typed(tmp_path, *extra: str):
 
 
 def cli(tmp_path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "sdxl_ablate", *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
 
@@ -237,6 +238,7 @@ def test_on_a_gpu_the_training_peak_is_the_same_first_or_last(tmp_path):
         for position, run in enumerate(runs):
             m = run.data.metrics
             peaks[(run.data.tags["lora.targets"], position)] = m["memory/peak_reserved_gib"]
-            print(study, run.data.tags["lora.targets"], position, {k: round(v, 3) for k, v in m.items() if "memory" in k})
+            print(study, run.data.tags["lora.targets"], position, {k: round(v, 3) for k, v in m.items() if "memory" in k},
+                  flush=True)
     assert peaks[("all", 0)] == pytest.approx(peaks[("all", 1)], rel=0.02), peaks
     assert peaks[("attn", 0)] == pytest.approx(peaks[("attn", 1)], rel=0.02), peaks
