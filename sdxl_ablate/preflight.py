@@ -241,8 +241,16 @@ def problems(cfgs: Iterable[Config]) -> list[str]:
     return found
 
 
-def check(cfgs: Iterable[Config]) -> None:
-    """Raises PreflightError listing every missing resource; returns quietly when all are there."""
+def check(cfgs: Iterable[Config], gpu_launcher: Optional[str] = None) -> None:
+    """Raises PreflightError listing every missing resource; returns quietly when all are there.
+    `gpu_launcher`: the sweep's launcher preset when it gives every job a GPU of its own."""
     found = problems(cfgs)
+    if gpu_launcher:
+        import torch
+
+        if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
+            found.insert(0, f"hydra/launcher={gpu_launcher} needs a CUDA GPU, but none is visible "
+                            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); drop the preset "
+                            "to run the sweep here, on the CPU")
     if found:
         raise PreflightError(found)

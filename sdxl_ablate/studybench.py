@@ -38,7 +38,9 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the checkout whose sdxl_ab
 
 
 def study_command(study: str, overrides: list[str], sweep_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "sdxl_ablate", "-m", f"sweep={study}", *overrides, f"hydra.sweep.dir={sweep_dir}"]
+    # force: a benchmark trains every variant, also one an earlier run of it already finished
+    return [sys.executable, "-m", "sdxl_ablate", "-m", f"sweep={study}", *overrides, "trainer.force=true",
+            f"hydra.sweep.dir={sweep_dir}"]
 
 
 def collect(sweep_dir: Path) -> list[dict]:

@@ -107,6 +107,15 @@ def tracking_of(config: DictConfig) -> tuple[TrackingConfig, str]:
     return tracking, tracking.experiment or str(config.study)
 
 
+def launcher_needing_gpu(config: DictConfig) -> Optional[str]:
+    """The sweep's launcher preset when it is one that gives every job a GPU (devices.py)."""
+    from .devices import GPU_LAUNCHERS
+
+    choice = OmegaConf.select(config, "hydra.runtime.choices")
+    name = None if choice is None else choice.get("hydra/launcher")
+    return name if name in GPU_LAUNCHERS else None
+
+
 class SweepCallback(Callback):
     """Registered in conf/config.yaml (hydra.callbacks.sweep)."""
 
@@ -117,7 +126,7 @@ class SweepCallback(Callback):
         cfgs, errors = compose_jobs(config, config_name or "config")
         n_jobs = len(cfgs) + len(errors)
         try:
-            preflight.check(cfgs)
+            preflight.check(cfgs, gpu_launcher=launcher_needing_gpu(config))
         except preflight.PreflightError as e:
             print(f"\n{e}\n", file=sys.stderr)
             sys.exit(PREFLIGHT_EXIT)  # before any job: nothing trained, no run left half-done

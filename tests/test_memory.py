@@ -56,5 +56,5 @@ def test_cuda_cap_makes_a_too_large_variant_fail_on_a_large_gpu():
     del ok
     guard.start()
     # Reset for the next variant: the peak is what is still live, not the earlier 1.5 GiB.
-    assert guard.peak()["memory/peak_allocated_gib"] == pytest.approx(torch.cuda.memory_allocated(device) / GIB)
+    assert guard.peak()["memory/peak_allocated_gib"] == pytest.approx(torch.cuda.memory_allocated(guard.device) / GIB)
     torch.cuda.set_per_process_memory_fraction(1.0, device)

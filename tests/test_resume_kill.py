@@ -53,7 +53,7 @@ def test_sigkill_anywhere_then_rerun_gives_the_uninterrupted_lora_bitwise_in_the
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
 
     def runs():
-        return client.search_runs([client.get_experiment_by_name("kill").experiment_id])
+        return client.search_runs([client.get_experiment_by_name("kill").experiment_id], "tags.kind = 'variant'")
 
     def listing():
         return sorted(p.name for p in directory.iterdir() if "step-" in p.name)

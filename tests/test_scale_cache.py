@@ -37,8 +37,8 @@ def test_two_workers_starting_together_encode_once(tmp_path, monkeypatch):
 
     components.vae.encode = slow_encode
     saved = []
-    real_save = torch.save
-    monkeypatch.setattr(precompute.torch, "save", lambda obj, f: (saved.append(str(f)), real_save(obj, f)))
+    real_save = precompute.save_cache
+    monkeypatch.setattr(precompute, "save_cache", lambda cache, f: (saved.append(str(f)), real_save(cache, f)))
     precompute._MEMORY.clear()
     barrier, results = threading.Barrier(2), []
 
@@ -59,10 +59,10 @@ def test_two_workers_starting_together_encode_once(tmp_path, monkeypatch):
     # One write, through a temp name unique across hosts: <file>.<host>.<pid>.<8 hex>.tmp
     assert len(saved) == 1
     name = os.path.basename(saved[0])
-    assert re.fullmatch(rf"[0-9a-f]{{24}}\.pt\.{re.escape(socket.gethostname())}\.{os.getpid()}\.[0-9a-f]{{8}}\.tmp",
+    assert re.fullmatch(rf"[0-9a-f]{{24}}\.safetensors\.{re.escape(socket.gethostname())}\.{os.getpid()}\.[0-9a-f]{{8}}\.tmp",
                         name), name
     files = sorted(p.name for p in (tmp_path / "c").iterdir())
-    assert [f for f in files if f.endswith(".pt")] and not [f for f in files if f.endswith(".tmp")]
+    assert [f for f in files if f.endswith(".safetensors")] and not [f for f in files if f.endswith(".tmp")]
 
 
 def _local_model(root):
