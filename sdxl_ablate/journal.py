@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import TrackingConfig
-from .tracking import Tracker, resolve_uri
+from .tracking import Tracker, resolve_uri, status_tags
 
 log = logging.getLogger(__name__)
 
@@ -159,10 +159,7 @@ class JournalingTracker:
 
     def set_status(self, status: str, error: str | None = None) -> None:
         self.status = status
-        tags = {"status": status}
-        if error:
-            tags["error"] = error[:5000]
-        self.set_tags(tags)
+        self.set_tags(status_tags(status, error))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self.failure is None:

@@ -115,6 +115,11 @@ def get_or_create_experiment(client: MlflowClient, name: str, artifact_root: str
     return exp.experiment_id
 
 
+def status_tags(status: str, error: str | None = None) -> dict[str, str]:
+    """The tags that say how a variant ended (`status`, and `error` when it failed)."""
+    return {"status": status, **({"error": error[:5000]} if error else {})}
+
+
 class Tracker:
     """`with Tracker(cfg, experiment, run_name) as t:` -> the run is closed whatever happens.
 
@@ -171,10 +176,7 @@ class Tracker:
 
     def set_status(self, status: str, error: str | None = None) -> None:
         self.status = status
-        tags = {"status": status}
-        if error:
-            tags["error"] = error[:5000]
-        self.set_tags(tags)
+        self.set_tags(status_tags(status, error))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         path = Path(path)
