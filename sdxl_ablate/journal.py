@@ -132,8 +132,7 @@ class JournalingTracker:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc is not None:
-            self.set_tags({"status": "failed", "error": f"{type(exc).__name__}: {exc}"[:5000]})
-            self.status = "failed"
+            self.set_status("failed", error=f"{type(exc).__name__}: {exc}")
         terminal = "FINISHED" if self.status == "ok" else "FAILED"
         if self.journaled and self.failure is None:
             # Metadata still work: point the run at what is missing from it.

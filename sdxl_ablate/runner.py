@@ -45,14 +45,6 @@ log = logging.getLogger(__name__)
 NEGLIGIBLE_RELATIVE_CHANGE = 1e-3
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device={name}: no CUDA GPU is visible; use device=cpu or device=auto")
-    return torch.device(name)
-
-
 def device_tag(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
@@ -272,11 +264,11 @@ def reevaluate(run_id: str, tracking, eval_overrides: list[str], device_name: Op
         if run.data.tags.get("status") != "ok":
             raise ValueError(f"run {run_id} has status {run.data.tags.get('status')!r}: only a variant that trained "
                              "(status ok) can be evaluated")
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as held:
             recorded = OmegaConf.load(tracker.client.download_artifacts(run_id, "config.yaml", tmp))
             cfg = to_typed(OmegaConf.merge(OmegaConf.structured(Config), recorded, eval_group_overrides(eval_overrides)))
             lora_file = Path(tracker.client.download_artifacts(run_id, "lora/pytorch_lora_weights.safetensors", tmp))
-            device = resolve_device(device_name or cfg.device)
+            device = held.enter_context(acquire_device(device_name or cfg.device)).device  # as in training
             data = load_data(cfg.data)
             components = load_components(cfg.model)
             dtype = DTYPES[cfg.trainer.precision]

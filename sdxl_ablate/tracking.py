@@ -154,8 +154,7 @@ class Tracker:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc is not None:
-            self.set_tags({"status": "failed", "error": f"{type(exc).__name__}: {exc}"[:5000]})
-            self.status = "failed"
+            self.set_status("failed", error=f"{type(exc).__name__}: {exc}")
         terminal = "FINISHED" if self.status == "ok" else "FAILED"
         self.client.set_terminated(self.run_id, status=terminal)
 
