@@ -42,6 +42,7 @@ import torch
 
 from .config import BaseWeights, Config, ModelKind, cache_root
 from .models import SDXLComponents, build_sdxl_random, load_components
+from .placement import place as place_module
 
 log = logging.getLogger(__name__)
 
@@ -252,8 +253,8 @@ def build_random_base(device: torch.device, dtype: torch.dtype, vae_dtype: torch
 def place(c: SDXLComponents, device: torch.device, dtype: torch.dtype, vae_dtype: torch.dtype) -> None:
     """The lent state: as train.prepare_model places the modules, frozen, in eval mode."""
     for module in (c.unet, c.text_encoder, c.text_encoder_2):
-        module.to(device, dtype)
-    c.vae.to(device, vae_dtype)
+        place_module(module, device, dtype)
+    place_module(c.vae, device, vae_dtype)
     for module in (c.unet, c.vae, c.text_encoder, c.text_encoder_2):
         module.eval().requires_grad_(False)
 

@@ -13,8 +13,9 @@ Each training is identified by its `config_hash` (config.py) and owns a stable d
 2. RUNNING MLflow runs of this experiment whose training process is gone (their lock is free)
    are marked KILLED with the reason, unless they are the run resumed now;
 3. `trainer.force=true`: earlier checkpoints of this config are removed, a new run starts;
-4. a FINISHED run with status ok and this config hash (or a `result.json` with status ok) ->
-   skip, returning its recorded final loss;
+4. a FINISHED run with status ok and this config hash (or a `result.json` with status ok,
+   when the store cannot be asked or the run's journal still holds its records) -> skip,
+   returning its recorded final loss;
 5. `trainer.resume`: `auto` -> the newest checkpoint that verifies (corrupt ones skipped),
    `never` -> start afresh (this config's checkpoints are removed), a path -> that checkpoint
    (its config must match: `ConfigMismatch` names the keys). The run named in `run.json` is
@@ -177,6 +178,14 @@ def _connect(cfg: Config, chash: str) -> tuple[MlflowClient | None, str | None, 
         return None, None, [], f"{type(err).__name__}: {err}"
 
 
+def _journal_kept(result: dict) -> bool:
+    """Whether the finished run's tracking journal (records not yet in MLflow) still exists."""
+    from .journal import journal_path
+
+    out = result.get("output_dir")
+    return bool(out) and journal_path(out).is_file()
+
+
 def _reap(client, exp_id, keep, run_name, directory) -> None:
     if client is None or exp_id is None:
         return
@@ -283,6 +292,16 @@ def _decide(plan: Plan, cfg: Config, run_name: str) -> None:
 
     finished = [r for r in runs if r.info.status == "FINISHED" and r.data.tags.get("status") == "ok"]
     result = _read_json(directory / RESULT_RECORD)
+    if result and not finished and not unreachable and not _journal_kept(result):
+        # The store answers and has no finished run of this config, and the run's journal is
+        # gone (e.g. `make clean` removed mlflow.db and multirun/): skipping would leave the
+        # sweep with a run nobody can read. Train it again into this store, from the start: the
+        # checkpoints' loss history went with the lost run.
+        log.warning("variant %s: %s says it finished in run %s, which %s does not hold and no journal "
+                    "can replay: trained again from the start", run_name, directory / RESULT_RECORD,
+                    result.get("run_id"), resolve_uri(cfg.tracking))
+        _wipe(directory)
+        result, own = None, None
     if finished or (result or {}).get("status") == "ok":
         plan.action = "skip"
         if finished:

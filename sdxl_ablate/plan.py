@@ -353,7 +353,8 @@ def simulate_step(cfg: Config, batch_size: int | None = None) -> StepSimulation:
 def _run_step(cfg: Config, batch: int, dtype: torch.dtype) -> dict:
     from .memory import store_base_weights_fp8
     from .precompute import encode_images, encode_prompts
-    from .train import checkpoint_function, diffusion_loss, lora_input_casting
+    from .placement import place
+    from .train import checkpoint_function, checkpoint_text_encoder, diffusion_loss, lora_input_casting
 
     t, lo = cfg.trainer, cfg.lora
     res = cfg.data.resolution
@@ -363,7 +364,7 @@ def _run_step(cfg: Config, batch: int, dtype: torch.dtype) -> dict:
     if dtype != torch.float32:
         lora_input_casting(c, enabled=False)
     vae_dtype = dtype if cfg.model.vae_fp16_safe else torch.float32
-    c.vae.to(vae_dtype)
+    place(c.vae, c.vae.device, vae_dtype)
     if t.base_weights == BaseWeights.fp8:
         store_base_weights_fp8(c.unet, dtype)
     watcher = _Watcher()
@@ -372,8 +373,8 @@ def _run_step(cfg: Config, batch: int, dtype: torch.dtype) -> dict:
     if t.gradient_checkpointing:
         c.unet.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_function(cfg))
         if lo.text_encoder:
-            c.text_encoder.gradient_checkpointing_enable()
-            c.text_encoder_2.gradient_checkpointing_enable()
+            checkpoint_text_encoder(c.text_encoder)
+            checkpoint_text_encoder(c.text_encoder_2)
         # The backward's recomputation runs outside the autocast stand-in (the GPU's real
         # checkpoint re-enters autocast itself): make each checkpointed call re-enter it.
         for m in (*c.unet.modules(), *c.text_encoder.modules(), *c.text_encoder_2.modules()):

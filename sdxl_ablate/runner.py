@@ -30,6 +30,7 @@ from .journal import JournalingTracker
 from .memory import MemoryGuard, configure_allocator, is_oom
 from .models import load_components
 from .phases import Phases
+from .placement import place
 from .pickup import Plan, VariantBusy, data_parallel_plan, plan_variant
 from .progress import job_label
 from .samples import training_hooks
@@ -201,7 +202,7 @@ def run_planned(cfg: Config, run_name: str, output_dir: Path, plan: Plan, sweep:
             if no_effect:
                 tracker.set_tags({"no_effect": "true", "no_effect_reason": no_effect})
                 log.warning("variant %s: no effect: %s", run_name, no_effect)
-            log_summary(tracker)  # summary/*: the headline numbers, from what was logged above
+            log_summary(tracker)  # ablation/*: the headline numbers, from what was logged above
             tracker.set_status("ok")
             plan.finished(tracker.run_id, result.final_loss, output_dir)
             log.info("variant %s: ok, final loss %.4f, %s", run_name, result.final_loss, peak)
@@ -273,7 +274,7 @@ def reevaluate(run_id: str, tracking, eval_overrides: list[str], device_name: Op
             components = load_components(cfg.model)
             dtype = DTYPES[cfg.trainer.precision]
             for module in (components.unet, components.text_encoder, components.text_encoder_2):
-                module.to(device, dtype)  # as after training: frozen weights in the compute dtype
+                place(module, device, dtype)  # as after training: frozen weights in the compute dtype
             load_lora(components.pipeline(), lora_file)
             tracker.log_text(to_yaml(cfg), "eval/config.yaml")
             metrics = evaluate_variant(components, lora_file, data, cfg, device, tracker,

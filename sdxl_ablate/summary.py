@@ -1,21 +1,25 @@
-"""The headline numbers of one variant, under `summary/*`: what a person compares first.
+"""The headline numbers of one variant, under `ablation/*`: what a person compares first.
+
+Why that prefix: the MLflow UI (3.x) orders metric sections, the compare view's metric lists
+and the sort and column menus by name (code-point order), so the headline group must sort
+before `data/`, `eval/`, `memory/`, ... to open first; `ablation/` does and reads as what it is.
 
 `python -m sdxl_ablate` logs them once per variant at the end of `runner.run` (after
-evaluation); the report and the MLflow UI read them. Each is derived from metrics the run
+evaluation); the MLflow UI and `make ui-check` read them. Each is derived from metrics the run
 already logged, so a missing source metric means a missing summary metric, never a made-up
 value:
 
-- `summary/clip_style_lift`, `summary/clip_text_lift`: eval/clip_style - eval/clip_style_base
+- `ablation/clip_style_lift`, `ablation/clip_text_lift`: eval/clip_style - eval/clip_style_base
   (how much more the LoRA's images look like the training style than the base model's), and
   the same for the prompt score.
-- `summary/clip_style`, `summary/clip_text`: the LoRA's CLIP scores themselves.
-- `summary/heldout_loss_drop`: eval/heldout_loss_base - eval/heldout_loss (positive: the LoRA
+- `ablation/clip_style`, `ablation/clip_text`: the LoRA's CLIP scores themselves.
+- `ablation/heldout_loss_drop`: eval/heldout_loss_base - eval/heldout_loss (positive: the LoRA
   denoises the held-out images better than the base model).
-- `summary/peak_memory_gib`: the training peak: CUDA reserved on a GPU, the resident set on a
-  CPU (the run's `device` tag says which); `summary/peak_vram_gib` as well on a GPU.
-- `summary/images_per_s`, `summary/step_time_s`: training speed.
-- `summary/trainable_params`: the LoRA's parameter count.
-- `summary/final_loss`: train/final_loss.
+- `ablation/peak_memory_gib`: the training peak: CUDA reserved on a GPU, the resident set on a
+  CPU (the run's `device` tag says which); `ablation/peak_vram_gib` as well on a GPU.
+- `ablation/images_per_s`, `ablation/step_time_s`: training speed.
+- `ablation/trainable_params`: the LoRA's parameter count.
+- `ablation/final_loss`: train/final_loss.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import Mapping
 
 log = logging.getLogger(__name__)
 
-PREFIX = "summary/"
+PREFIX = "ablation/"
 
 # summary name -> the logged metric it copies
 _COPIED = {
@@ -50,7 +54,7 @@ def peak_memory(metrics: Mapping[str, float]) -> tuple[float | None, str]:
 
 
 def summary_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
-    """The `summary/*` metrics of one variant from its logged metrics (missing sources are left out)."""
+    """The `ablation/*` metrics of one variant from its logged metrics (missing sources are left out)."""
     m = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
     out = {PREFIX + name: m[src] for name, src in _COPIED.items() if src in m}
     for score in ("clip_style", "clip_text"):
@@ -68,11 +72,11 @@ def summary_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
 
 def log_summary(tracker) -> dict[str, float]:
     """Reads the run's metrics back from MLflow (what was logged is what is summarised) and
-    logs its `summary/*` metrics through the Tracker; returns them."""
+    logs its `ablation/*` metrics through the Tracker; returns them."""
     try:
         metrics = tracker.client.get_run(tracker.run_id).data.metrics
     except Exception as err:  # noqa: BLE001 - e.g. the store is down and the run is journaled
-        log.warning("summary/* not logged: the run's metrics cannot be read back from MLflow (%s: %s)",
+        log.warning("ablation/* not logged: the run's metrics cannot be read back from MLflow (%s: %s)",
                     type(err).__name__, err)
         return {}
     summary = summary_metrics(metrics)

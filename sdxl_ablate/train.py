@@ -148,6 +148,14 @@ def checkpoint_function(cfg: Config) -> Callable:
     return checkpointed
 
 
+def checkpoint_text_encoder(encoder) -> None:
+    """transformers' checkpointing of a text encoder. transformers 5.23 renamed
+    `gradient_checkpointing_enable` to `activation_checkpointing_enable` and made the old name
+    warn on every call; older releases only have the old name."""
+    enable = getattr(encoder, "activation_checkpointing_enable", None) or encoder.gradient_checkpointing_enable
+    enable()
+
+
 def lora_input_casting(c, enabled: bool) -> None:
     for name in ("unet", "text_encoder", "text_encoder_2"):
         for m in getattr(c, name).modules():
@@ -165,8 +173,8 @@ def prepare_model(c, cfg: Config, device: torch.device) -> list[torch.nn.Paramet
     place(c.unet, device, dtype)
     # fp32 VAE: the SDXL VAE overflows in fp16, unless it is an fp16-safe VAE.
     place(c.vae, device, dtype if cfg.model.vae_fp16_safe else torch.float32)
-    c.text_encoder.to(device, dtype)
-    c.text_encoder_2.to(device, dtype)
+    place(c.text_encoder, device, dtype)
+    place(c.text_encoder_2, device, dtype)
     params = add_adapters(c, lo)
     for p in params:
         p.data = p.data.float()
@@ -183,8 +191,8 @@ def prepare_model(c, cfg: Config, device: torch.device) -> list[torch.nn.Paramet
         # about one forward more arithmetic for a fraction of the activation memory.
         c.unet.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_function(cfg))
         if lo.text_encoder:
-            c.text_encoder.gradient_checkpointing_enable()
-            c.text_encoder_2.gradient_checkpointing_enable()
+            checkpoint_text_encoder(c.text_encoder)
+            checkpoint_text_encoder(c.text_encoder_2)
     if t.channels_last and device.type == "cuda":
         # cuDNN's fastest bf16 convolutions want NHWC; the UNet's activations follow its weights.
         c.unet.to(memory_format=torch.channels_last)

@@ -3,7 +3,7 @@
     python -m sdxl_ablate.ui_check --study NAME [--tracking-uri URI] [--out DIR] [--chromium PATH]
 
 1. Reads the study's latest sweep from the store (as the report does) and checks that every
-   finished variant has its headline metrics (`summary/*`, see sdxl_ablate/summary.py).
+   finished variant has its headline metrics (`ablation/*`, see sdxl_ablate/summary.py).
 2. Starts `mlflow ui` on 127.0.0.1 on a free port over the same store and asks its REST API
    for the same runs and metrics: what the UI will show.
 3. Opens Debian's chromium headless (install: `apt-get update && apt-get install -y chromium`)
@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import Optional
 
 # What every finished variant must carry for the comparison that matters.
-HEADLINE = ("summary/peak_memory_gib", "summary/images_per_s", "summary/final_loss")
+HEADLINE = ("ablation/peak_memory_gib", "ablation/images_per_s", "ablation/final_loss")
 # ... and, where it was evaluated, its scores.
-EVALUATED = ("summary/clip_style_lift", "summary/heldout_loss_drop")
+EVALUATED = ("ablation/clip_style_lift", "ablation/heldout_loss_drop")
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
                   "--disable-dev-shm-usage")
@@ -58,15 +58,15 @@ def _sort_by(metric: str) -> list[tuple]:
 # chart view show the summary charts only; in the compare view, the metrics that differ.
 COMMON_ACTIONS = [("click", _button("Close"))]
 ACTIONS = {
-    "runs_table": [step for m in ("summary/peak_memory_gib", "summary/images_per_s", "summary/heldout_loss_drop",
-                                  "summary/clip_style_lift") for step in _sort_by(m)]
+    "runs_table": [step for m in ("ablation/peak_memory_gib", "ablation/images_per_s", "ablation/heldout_loss_drop",
+                                  "ablation/clip_style_lift") for step in _sort_by(m)]
                   + [("click", "document.querySelector('[data-testid=sort-select-dropdown]')"),
                      ("click", "document.querySelector('[data-testid=sort-select-desc]')")],
     # A React-controlled field: set through the native setter, then tell React with an input event.
     "chart_view": [("js", "(() => { const e = [...document.querySelectorAll('input')].find(i => "
                           "(i.placeholder || '').startsWith('Search metric charts')); if (!e) return; "
                           "Object.getOwnPropertyDescriptor(HTMLInputElement.prototype, 'value').set.call(e, "
-                          "'summary/'); e.dispatchEvent(new Event('input', {bubbles: true})); })()"), ("wait", 2.0)],
+                          "'ablation/'); e.dispatchEvent(new Event('input', {bubbles: true})); })()"), ("wait", 2.0)],
     # The compare view opens on the parallel-coordinates plot of the axes that differ.
     "compare_runs": [("click", "[...document.querySelectorAll('button[role=switch]')].find(b => "
                                "(b.parentElement.innerText || '').includes('Show diff only'))")],
@@ -165,7 +165,7 @@ def ui_urls(port: int, expected: Expected) -> dict[str, str]:
     flt = f"tags.study = '{expected.study}'"
     if expected.sweep_ids != ["legacy"]:
         flt = f"tags.kind = 'variant' and tags.sweep_id = '{expected.sweep_ids[0]}'"
-    query = urllib.parse.urlencode({"searchFilter": flt, "orderByKey": "metrics.`summary/peak_memory_gib`",
+    query = urllib.parse.urlencode({"searchFilter": flt, "orderByKey": "metrics.`ablation/peak_memory_gib`",
                                     "orderByAsc": "true"}, quote_via=urllib.parse.quote)
     ids = json.dumps(expected.ok or list(expected.runs))
     compare = urllib.parse.urlencode({"runs": ids, "experiments": json.dumps([expected.experiment_id])},
@@ -325,7 +325,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         names = list(expected.runs.values())
         urls = ui_urls(port, expected)
         pages = {"runs_table": (urls["runs_table"], names),
-                 "chart_view": (urls["chart_view"], ["summary/peak_memory_gib"]),
+                 "chart_view": (urls["chart_view"], ["ablation/peak_memory_gib"]),
                  # Its metrics table renders lazily: the headline metrics are checked in the API above.
                  "compare_runs": (urls["compare_runs"], [expected.runs[i] for i in expected.ok])}
         browser = Browser(binary, out / "chromium.log")

@@ -272,6 +272,29 @@ def test_a_finished_variant_is_skipped_and_force_trains_it_again(tmp_path, caplo
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_finished_variant_missing_from_a_fresh_store_is_trained_again(tmp_path, caplog):
+    """`make clean` removes mlflow.db and multirun/ but a result.json may outlive them: a store
+    that answers without the run, and no journal to replay, means train it again, not a
+    'reused' run id nobody can read."""
+    cfg = typed(tmp_path, "trainer.max_steps=2")
+    first = runner.run(cfg, "variant", tmp_path / "out1")
+    assert len(list((tmp_path / "checkpoints").rglob("result.json"))) == 1
+    # A new store (deleting the file would not do: MLflow keeps its engine open in-process);
+    # tracking.* is outside the config hash, so this is the same training.
+    fresh = typed(tmp_path, "trainer.max_steps=2", f"tracking.uri=sqlite:///{tmp_path}/fresh.db")
+    assert config_hash(fresh) == config_hash(cfg)
+    caplog.set_level("INFO")
+    again = runner.run(fresh, "variant", tmp_path / "out2")
+    assert again == first
+    assert "does not hold and no journal can replay: trained again from the start" in caplog.text
+    assert "resuming" not in caplog.text
+    assert (tmp_path / "out2" / "lora").is_dir()  # trained
+    client = MlflowClient(f"sqlite:///{tmp_path}/fresh.db")
+    runs = client.search_runs([client.get_experiment_by_name("unit").experiment_id])
+    assert len(runs) == 1 and runs[0].data.tags["status"] == "ok"
+    assert len(client.get_metric_history(runs[0].info.run_id, "train/loss")) == 2  # its whole curve
+
+
 def test_an_interrupted_variant_resumes_into_the_same_run_bitwise(tmp_path, monkeypatch):
     ref_dir = tmp_path / "ref"
     ref_dir.mkdir()

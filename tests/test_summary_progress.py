@@ -1,4 +1,4 @@
-"""summary/* headline metrics, progress labels, and the warnings avoided at their source."""
+"""ablation/* headline metrics, progress labels, and the warnings avoided at their source."""
 
 from __future__ import annotations
 
@@ -21,13 +21,13 @@ def test_summary_metrics_from_a_variants_metrics():
                "params/trainable": 1234.0, "train/final_loss": 0.1, "train/loss": 0.2}
     s = summary_metrics(metrics)
     assert s == pytest.approx({
-        "summary/clip_style": 0.8, "summary/clip_text": 0.3, "summary/clip_style_lift": 0.05,
-        "summary/clip_text_lift": -0.02, "summary/heldout_loss_drop": 0.125, "summary/peak_memory_gib": 9.5,
-        "summary/peak_vram_gib": 9.5, "summary/images_per_s": 3.25, "summary/step_time_s": 0.5,
-        "summary/trainable_params": 1234.0, "summary/final_loss": 0.1})
+        "ablation/clip_style": 0.8, "ablation/clip_text": 0.3, "ablation/clip_style_lift": 0.05,
+        "ablation/clip_text_lift": -0.02, "ablation/heldout_loss_drop": 0.125, "ablation/peak_memory_gib": 9.5,
+        "ablation/peak_vram_gib": 9.5, "ablation/images_per_s": 3.25, "ablation/step_time_s": 0.5,
+        "ablation/trainable_params": 1234.0, "ablation/final_loss": 0.1})
     # CPU: the resident set, and no "vram"; missing sources give no summary metric, NaN neither.
     cpu = summary_metrics({"memory/peak_rss_gib": 1.5, "eval/clip_style": float("nan"), "eval/clip_style_base": 0.7})
-    assert cpu == {"summary/peak_memory_gib": 1.5}
+    assert cpu == {"ablation/peak_memory_gib": 1.5}
 
 
 def test_progress_labels():

@@ -25,8 +25,8 @@ def make_study(tmp_path: Path, with_summary: bool) -> str:
         run_id = client.create_run(exp, run_name=name, tags=tags).info.run_id
         metrics = {"train/final_loss": 0.5, "memory/peak_rss_gib": memory, "perf/images_per_s": 2.0}
         if with_summary:
-            metrics.update({"summary/peak_memory_gib": memory, "summary/images_per_s": 2.0,
-                            "summary/final_loss": 0.5})
+            metrics.update({"ablation/peak_memory_gib": memory, "ablation/images_per_s": 2.0,
+                            "ablation/final_loss": 0.5})
         for k, v in metrics.items():
             client.log_metric(run_id, k, v)
         client.set_terminated(run_id, "FINISHED")
@@ -52,7 +52,7 @@ def test_ui_check_fails_when_headline_metrics_are_missing(tmp_path, capsys):
     uri = make_study(tmp_path, with_summary=False)
     assert main(["--study", "uistudy", "--tracking-uri", uri, "--out", str(tmp_path / "ui")]) == 1
     err = capsys.readouterr().err
-    assert "lacks summary/peak_memory_gib, summary/images_per_s, summary/final_loss" in err
+    assert "lacks ablation/peak_memory_gib, ablation/images_per_s, ablation/final_loss" in err
 
 
 def test_ui_check_unknown_study_is_a_clear_error(tmp_path, capsys):
