@@ -89,3 +89,31 @@ def test_place_casts_without_diffusers_float32_warning(caplog):
         assert [r for r in caplog.records if "kept in float32" in r.getMessage()]
     finally:
         dlogging.disable_propagation()
+
+
+def test_a_variant_trains_and_evaluates_without_the_known_library_warnings(tmp_path, caplog):
+    """The whole path of two variants in one process (the second gets the base back from the
+    shared cache): no diffusers float32 cast warning, no transformers checkpointing deprecation."""
+    import warnings
+
+    from diffusers.utils import logging as dlogging
+
+    from sdxl_ablate import runner
+    from sdxl_ablate.config import to_typed
+    from tests.conftest import compose_config, tiny_overrides
+
+    dlogging.enable_propagation()
+    try:
+        with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
+            warnings.simplefilter("always")
+            for i, targets in enumerate(("all", "attn")):
+                cfg = to_typed(compose_config(tiny_overrides(
+                    tmp_path, "study=warn", "eval=tiny", "eval.steps=2", "trainer.max_steps=2",
+                    "lora.text_encoder=true", "trainer.gradient_checkpointing=true", f"lora.targets={targets}",
+                    precision="bf16")))
+                runner.run(cfg, f"v{i}", tmp_path / f"out{i}")
+    finally:
+        dlogging.disable_propagation()
+    messages = [r.getMessage() for r in caplog.records] + [str(w.message) for w in caught]
+    assert not [m for m in messages if "kept in float32" in m], messages
+    assert not [m for m in messages if "checkpointing_enable" in m and "deprecated" in m], messages
