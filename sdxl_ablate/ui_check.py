@@ -7,9 +7,13 @@
 2. Starts `mlflow ui` on 127.0.0.1 on a free port over the same store and asks its REST API
    for the same runs and metrics: what the UI will show.
 3. Opens Debian's chromium headless (install: `apt-get update && apt-get install -y chromium`)
-   on the study's runs table (variants only, headline columns), the chart view, and the
-   compare view of the sweep's runs; checks the rendered pages name every variant run; writes
-   screenshots into DIR (default reports/<study>/ui/).
+   and does what the README's clicks say, writing a screenshot of each into DIR (default
+   reports/<study>/ui/): `runs_table` (the sweep's variants, headline columns added through the
+   sort menu), `chart_view` (it must open on the `ablation/*` section), `loss_overlay` (the
+   chart search set to train/loss), `compare_runs` (the compare view's scatter plot of
+   ablation/peak_memory_gib against the score), and `image_slider` (the `samples/*` images of
+   every run in one image grid at the last step, full screen; only when samples were logged).
+   Each page must show the runs (and what its step set up).
 
 Exits 0 when all of that holds, 1 naming what is missing, 2 when it cannot run (no
 chromium, no study, the server did not start).
@@ -29,7 +33,7 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -53,24 +57,94 @@ def _sort_by(metric: str) -> list[tuple]:
             ("click", f"document.querySelector('[data-testid=\"sort-select-{metric}\"]')")]
 
 
-# What the check does on each page before its screenshot, as a person would: close the
-# assistant panel; in the runs table show the headline columns (sorted by the score); in the
-# chart view show the summary charts only; in the compare view, the metrics that differ.
+def _search_charts(text: str) -> list[tuple]:
+    # Real key presses into the field (React reads its own input events), as a person types;
+    # first the charts get a moment to fetch their data: a line chart filtered before its
+    # history arrived stayed hidden as empty.
+    return [("wait", 3.0), ("focus", "[...document.querySelectorAll('input')].find(i => (i.placeholder || '')"
+                      ".startsWith('Search metric charts'))"), ("type", text), ("wait", 2.0)]
+
+
+def _scroll_to_section(name: str) -> str:
+    return (f"(() => {{ const h = [...document.querySelectorAll('*')].find(e => e.childElementCount === 0 && "
+            f"e.innerText === {name!r}); if (h) h.scrollIntoView({{block: 'start'}}); }})()")
+
+
+def _pick(selector_id: str, option: str) -> list[tuple]:
+    """Open a select of the compare view (its id) and click the option with that text."""
+    return [("click", f"document.getElementById({selector_id!r})"),
+            ("click", f"[...document.querySelectorAll('[role=option]')].find(o => o.innerText === {option!r})")]
+
+
+_UNSELECTED = "[...document.querySelectorAll('[role=option]')].find(o => o.getAttribute('aria-selected') === 'false')"
+
+
+def _image_grid(last_step: int, keys: int) -> list[tuple]:
+    """The image slider as a person sets it up (README, step 5): on the first `samples/` card,
+    Configure; every image key in one grid; run parameters off (they cover the images); the
+    step slider at the last step; save; open the new grid full screen."""
+    return [*_search_charts("samples/"),
+            ("click", "document.querySelector('[data-testid=experiment-view-compare-runs-card-menu]')"),
+            ("click", "document.querySelector('[data-testid=experiment-view-compare-runs-card-edit]')"),
+            ("wait", 2.0),
+            ("click", "document.querySelector('[role=dialog] button[role=switch][aria-checked=true]')"),
+            ("click", "document.querySelector('[role=dialog] button[role=combobox]')"),
+            *[step for _ in range(keys - 1) for step in (("click", _UNSELECTED), ("wait", 0.5))],
+            # Closes the list by a click on the dialog's title, above it (the list covers the rest).
+            ("click", "[...document.querySelectorAll('[role=dialog] *')].find(e => e.childElementCount === 0 && "
+                      "e.innerText === 'Edit chart')"),
+            ("focus", "document.querySelector('[role=dialog] input[type=number]')"),
+            ("js", "document.activeElement.select()"), ("type", str(last_step)), ("key", "Enter"), ("wait", 1.0),
+            ("click", "document.querySelector('[data-testid=experiment-view-compare-runs-chart-modal-confirm]')"),
+            ("wait", 2.0),
+            _fullscreen("Image grid"), ("wait", 3.0)]
+
+
+def _fullscreen(title: str) -> tuple:
+    """Click the full-screen button of the chart card with that title."""
+    return ("click", f"(() => {{ let c = [...document.querySelectorAll('*')].find(e => e.childElementCount === 0 "
+                     f"&& e.innerText === {title!r}); while (c && !c.querySelector("
+                     "'[data-component-id=fullscreen_button_chartcard]')) c = c.parentElement; "
+                     "return c && c.querySelector('[data-component-id=fullscreen_button_chartcard]'); })()")
+
+
+# Checks run in the page after the actions; each returns the list of what is missing.
+# A section header renders as its name, then "(<number of charts>)" on the next line.
+SECTION_ORDER_JS = ("(() => { const l = document.body.innerText.split('\\n'); const s = l.map((x, i) => "
+                    "/^\\(\\d+\\)$/.test(x) ? l[i - 1] : null).filter(Boolean); return s[0] === 'ablation' ? [] : "
+                    "[`the ablation/* charts as the first section (sections: ${s.join(', ')})`]; })()")
+
+
+def _selected_js(selector_id: str, option: str) -> str:
+    return (f"(() => {{ const e = document.getElementById({selector_id!r}); return e && "
+            f"e.innerText.trim() === {option!r} ? [] : [{f'{option} on {selector_id}'!r}]; }})()")
+
+
+def _dialog_js(title: str) -> str:
+    return (f"(() => {{ const d = document.querySelector('[role=dialog]'); return d && d.innerText.includes({title!r})"
+            f" ? [] : [{f'{title} full screen'!r}]; }})()")
+
+
+def _images_js(minimum: int) -> str:
+    return ("(() => { const n = [...document.querySelectorAll('[role=dialog] img')].filter(i => i.complete && "
+            f"i.naturalWidth > 0).length; return n >= {minimum} ? [] : "
+            f"[`${{n}} of at least {minimum} sample images in the full-screen image grid`]; }})()")
+
+
+@dataclass
+class Page:
+    """One screenshot: the page, the texts it shows once loaded (awaited before acting), what a
+    person does on it, then the texts it must show and JS checks (each returns what is missing)."""
+
+    url: str
+    ready: list[str]
+    actions: list[tuple] = field(default_factory=list)
+    expect: list[str] = field(default_factory=list)
+    checks: list[str] = field(default_factory=list)
+
+
+# What the check does first on every page: close the assistant panel.
 COMMON_ACTIONS = [("click", _button("Close"))]
-ACTIONS = {
-    "runs_table": [step for m in ("ablation/peak_memory_gib", "ablation/images_per_s", "ablation/heldout_loss_drop",
-                                  "ablation/clip_style_lift") for step in _sort_by(m)]
-                  + [("click", "document.querySelector('[data-testid=sort-select-dropdown]')"),
-                     ("click", "document.querySelector('[data-testid=sort-select-desc]')")],
-    # A React-controlled field: set through the native setter, then tell React with an input event.
-    "chart_view": [("js", "(() => { const e = [...document.querySelectorAll('input')].find(i => "
-                          "(i.placeholder || '').startsWith('Search metric charts')); if (!e) return; "
-                          "Object.getOwnPropertyDescriptor(HTMLInputElement.prototype, 'value').set.call(e, "
-                          "'ablation/'); e.dispatchEvent(new Event('input', {bubbles: true})); })()"), ("wait", 2.0)],
-    # The compare view opens on the parallel-coordinates plot of the axes that differ.
-    "compare_runs": [("click", "[...document.querySelectorAll('button[role=switch]')].find(b => "
-                               "(b.parentElement.innerText || '').includes('Show diff only'))")],
-}
 
 
 class UiCheckError(RuntimeError):
@@ -84,6 +158,19 @@ class Expected:
     sweep_ids: list[str]
     runs: dict[str, str]  # run id -> run name (the variant runs of the sweep)
     ok: list[str]  # run ids of the finished variants
+    score: str = "ablation/final_loss"  # the y axis of score vs memory
+    image_keys: int = 0  # `samples/*` keys of the first finished run (0: no samples logged)
+    last_step: int = 0  # its last training step (the image slider's end)
+
+
+def _image_keys(client, run_id: str) -> int:
+    """How many image keys a run logged with `log_image(key=..., step=...)`: MLflow stores each
+    image as images/<key with / as ~>+step+<step>+...; the key is the part before `+step+`."""
+    try:
+        names = [Path(a.path).name for a in client.list_artifacts(run_id, "images")]
+    except Exception:  # noqa: BLE001 - a store without artifacts: no image page
+        return 0
+    return len({n.split("+step+")[0] for n in names if "+step+" in n})
 
 
 def expected_runs(uri: str, study: str) -> tuple[Expected, list[str]]:
@@ -105,10 +192,18 @@ def expected_runs(uri: str, study: str) -> tuple[Expected, list[str]]:
         missing = [m for m in needed if m not in r.metrics]
         if missing:
             problems.append(f"run {r.name} ({r.run_id}) lacks {', '.join(missing)}")
-    if not any(r.status == "ok" for r in runs):
+    ok = [r for r in runs if r.status == "ok"]
+    if not ok:
         problems.append(f"no finished variant run in sweep {', '.join(sweep_ids)}")
     exp = client.get_experiment_by_name(study).experiment_id
-    return Expected(study, exp, sweep_ids, {r.run_id: r.name for r in runs}, [r.run_id for r in runs if r.status == "ok"]), problems
+    expected = Expected(study, exp, sweep_ids, {r.run_id: r.name for r in runs}, [r.run_id for r in ok])
+    # The score of the score-vs-memory plot: the best one every finished run has.
+    expected.score = next((m for m in ("ablation/clip_style_lift", "ablation/heldout_loss_drop")
+                           if ok and all(m in r.metrics for r in ok)), "ablation/final_loss")
+    if ok:
+        expected.image_keys = _image_keys(client, ok[0].run_id)
+        expected.last_step = int(ok[0].metrics.get("train/steps", 0))
+    return expected, problems
 
 
 def free_port() -> int:
@@ -156,9 +251,10 @@ def api_problems(expected: Expected, served: dict[str, dict]) -> list[str]:
     return problems
 
 
-def ui_urls(port: int, expected: Expected) -> dict[str, str]:
-    """The pages to capture: the runs table (variants of the sweep, headline metrics first),
-    the chart view, and the compare view of the sweep's finished runs."""
+def pages(port: int, expected: Expected) -> dict[str, Page]:
+    """The pages to capture, each set up as the README's clicks say: the runs table (variants of
+    the sweep, headline columns), the chart view (the ablation/* section first), the loss
+    overlay, score vs memory in the compare view, and the image slider (when samples exist)."""
     base = f"http://127.0.0.1:{port}/#/experiments/{expected.experiment_id}"
     # MLflow's filters drop a run without the tag, so runs from before kind tags existed are
     # found by the study tag every variant run carries (a report run has none).
@@ -170,11 +266,36 @@ def ui_urls(port: int, expected: Expected) -> dict[str, str]:
     ids = json.dumps(expected.ok or list(expected.runs))
     compare = urllib.parse.urlencode({"runs": ids, "experiments": json.dumps([expected.experiment_id])},
                                      quote_via=urllib.parse.quote)
-    return {
-        "runs_table": f"{base}/runs?{query}",
-        "chart_view": f"{base}/runs?{query}&compareRunsMode=CHART",
-        "compare_runs": f"http://127.0.0.1:{port}/#/compare-runs?{compare}",
+    names = list(expected.runs.values())
+    ok_names = [expected.runs[i] for i in expected.ok]
+    charts = f"{base}/runs?{query}&compareRunsMode=CHART"
+    out = {
+        "runs_table": Page(f"{base}/runs?{query}", names,
+                           [step for m in ("ablation/peak_memory_gib", "ablation/images_per_s",
+                                           "ablation/heldout_loss_drop", expected.score) for step in _sort_by(m)]
+                           + [("click", "document.querySelector('[data-testid=sort-select-dropdown]')"),
+                              ("click", "document.querySelector('[data-testid=sort-select-desc]')")],
+                           expect=names),
+        "chart_view": Page(charts, ["ablation/peak_memory_gib"], checks=[SECTION_ORDER_JS]),
+        # The search does not filter image cards: the `samples` section stays above the chart.
+        "loss_overlay": Page(charts, ["ablation/peak_memory_gib"],
+                             [*_search_charts("train/loss"), ("js", _scroll_to_section("train")), ("wait", 2.0),
+                              _fullscreen("train/loss"), ("wait", 2.0)],
+                             expect=["train/loss"], checks=[_dialog_js("train/loss")]),
+        "compare_runs": Page(f"http://127.0.0.1:{port}/#/compare-runs?{compare}", ok_names,
+                             [("click", "[...document.querySelectorAll('[role=tab]')].find(t => "
+                                        "t.innerText === 'Scatter Plot')"), ("wait", 1.0),
+                              *_pick("x-axis-selector", "ablation/peak_memory_gib"),
+                              *_pick("y-axis-selector", expected.score)],
+                             expect=ok_names,
+                             checks=[_selected_js("x-axis-selector", "ablation/peak_memory_gib"),
+                                     _selected_js("y-axis-selector", expected.score)]),
     }
+    if expected.image_keys:
+        out["image_slider"] = Page(charts, ["ablation/peak_memory_gib"],
+                                   _image_grid(expected.last_step, expected.image_keys),
+                                   expect=["Image grid"], checks=[_images_js(len(expected.ok) * expected.image_keys)])
+    return out
 
 
 def find_chromium(path: Optional[str]) -> str:
@@ -232,7 +353,8 @@ class Browser:
 
     async def _act(self, ws, action: tuple) -> None:
         """("click", JS expression of an element) with a real mouse click (the UI's menus open
-        on pointer events); ("type", text) into the focused field; ("js", expression); ("wait", s).
+        on pointer events); ("focus", element); ("type", text) into the focused field; ("key", name)
+        pressed; ("js", expression); ("wait", s).
         An element that is not there is skipped: the checks above decide pass or fail."""
         kind, arg = action
         if kind == "click":
@@ -248,8 +370,16 @@ class Browser:
             await self._js(ws, f"(() => {{ const e = {arg}; if (e) {{ e.scrollIntoView(); e.focus(); }} }})()")
             await asyncio.sleep(0.3)
         elif kind == "type":
-            await self._call(ws, "Input.insertText", text=arg)
+            # Key by key, as a person types: the chart search ignored a whole string inserted at once.
+            for char in arg:
+                await self._call(ws, "Input.insertText", text=char)
+                await asyncio.sleep(0.05)
             await asyncio.sleep(0.8)
+        elif kind == "key":
+            for event in ("keyDown", "keyUp"):
+                await self._call(ws, "Input.dispatchKeyEvent", type=event, key=arg, code=arg,
+                                 windowsVirtualKeyCode={"Enter": 13, "Escape": 27}.get(arg, 0))
+            await asyncio.sleep(0.5)
         elif kind == "js":
             await self._js(ws, arg)
             await asyncio.sleep(0.8)
@@ -261,7 +391,7 @@ class Browser:
                                   returnByValue=True)
         return result.get("result", {}).get("value", "")
 
-    async def _capture(self, pages: dict[str, tuple[str, list[str]]], out: Path, timeout_s: float) -> dict[str, list[str]]:
+    async def _capture(self, pages: dict[str, Page], out: Path, timeout_s: float) -> dict[str, list[str]]:
         import aiohttp
 
         missing: dict[str, list[str]] = {}
@@ -272,29 +402,30 @@ class Browser:
                 width, height = map(int, WINDOW.split(","))
                 await self._call(ws, "Emulation.setDeviceMetricsOverride", width=width, height=height,
                                  deviceScaleFactor=1, mobile=False)
-                for name, (url, expected) in pages.items():
+                for name, page in pages.items():
                     await self._call(ws, "Page.navigate", url="about:blank")
-                    await self._call(ws, "Page.navigate", url=url)
+                    await self._call(ws, "Page.navigate", url=page.url)
                     deadline = time.monotonic() + timeout_s
-                    while True:
+                    while time.monotonic() < deadline:
                         text = await self._text(ws)
-                        absent = [e for e in expected if e not in text]
-                        if not absent or time.monotonic() > deadline:
+                        if all(e in text for e in page.ready):
                             break
                         await asyncio.sleep(0.5)
-                    for action in [*COMMON_ACTIONS, *ACTIONS.get(name, [])]:
+                    for action in [*COMMON_ACTIONS, *page.actions]:
                         await self._act(ws, action)
                     await asyncio.sleep(2.0)  # charts animate in after their data arrives
                     text = await self._text(ws)  # what the page shows now, as captured
-                    absent = [e for e in expected if e not in text]
+                    absent = [e for e in [*page.ready, *page.expect] if e not in text]
+                    for check in page.checks:
+                        absent += await self._js(ws, check) or []
                     shot = await self._call(ws, "Page.captureScreenshot", format="png")
                     (out / f"{name}.png").write_bytes(base64.b64decode(shot["data"]))
-                    missing[name] = absent
+                    missing[name] = list(dict.fromkeys(absent))
         return missing
 
-    def capture(self, pages: dict[str, tuple[str, list[str]]], out: Path, timeout_s: float = 90) -> dict[str, list[str]]:
-        """{page name: (url, texts it must show)} -> {page name: the texts it did not show}; a
-        screenshot of each page as <out>/<name>.png."""
+    def capture(self, pages: dict[str, Page], out: Path, timeout_s: float = 90) -> dict[str, list[str]]:
+        """{page name: Page} -> {page name: what it did not show}; a screenshot of each page as
+        <out>/<name>.png."""
         return asyncio.run(self._capture(pages, out, timeout_s))
 
 
@@ -322,22 +453,19 @@ def main(argv: Optional[list[str]] = None) -> int:
         port = free_port()
         server = start_server(uri, port, out / "mlflow-ui.log")
         problems += api_problems(expected, api_runs(port, expected.experiment_id))
-        names = list(expected.runs.values())
-        urls = ui_urls(port, expected)
-        pages = {"runs_table": (urls["runs_table"], names),
-                 "chart_view": (urls["chart_view"], ["ablation/peak_memory_gib"]),
-                 # Its metrics table renders lazily: the headline metrics are checked in the API above.
-                 "compare_runs": (urls["compare_runs"], [expected.runs[i] for i in expected.ok])}
+        shots = pages(port, expected)
         browser = Browser(binary, out / "chromium.log")
         try:
-            missing = browser.capture(pages, out)
+            missing = browser.capture(shots, out)
         finally:
             browser.close()
         for name, absent in missing.items():
             if absent:
                 problems.append(f"the {name.replace('_', ' ')} page does not show {', '.join(absent)}")
-            print(f"{name}: {pages[name][0]}\n  -> {out / f'{name}.png'}"
+            print(f"{name}: {shots[name].url}\n  -> {out / f'{name}.png'}"
                   + (f" (missing: {', '.join(absent)})" if absent else ""))
+        if not expected.image_keys:
+            print("image_slider: skipped: the runs logged no samples/ images (eval.every_n_steps is off)")
     except UiCheckError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -29,6 +29,12 @@ def make_study(tmp_path: Path, with_summary: bool) -> str:
                             "ablation/final_loss": 0.5})
         for k, v in metrics.items():
             client.log_metric(run_id, k, v)
+        for step in range(4):
+            client.log_metric(run_id, "train/loss", 1.0 / (step + 1), step=step)
+        client.log_metric(run_id, "train/steps", 4)
+        for key in ("samples/a_cat_seed0", "samples/a_dog_seed0"):  # as samples.py logs them
+            for step in (0, 4):
+                client.log_image(run_id, Image.new("RGB", (64, 64), (40 * step, 90, 160)), key=key, step=step)
         client.set_terminated(run_id, "FINISHED")
     return uri
 
@@ -38,7 +44,7 @@ def test_ui_check_screenshots_the_study(tmp_path, capsys):
     uri = make_study(tmp_path, with_summary=True)
     out = tmp_path / "ui"
     assert main(["--study", "uistudy", "--tracking-uri", uri, "--out", str(out)]) == 0, capsys.readouterr().err
-    for name in ("runs_table", "chart_view", "compare_runs"):
+    for name in ("runs_table", "chart_view", "loss_overlay", "compare_runs", "image_slider"):
         image = Image.open(out / f"{name}.png")
         assert image.size == (1680, 1050)
         import numpy as np
