@@ -43,7 +43,9 @@ def main(dcfg: DictConfig) -> float | None:
         cfg = to_typed(dcfg)
     except ConfigError as err:
         if not multirun:
-            raise
+            # The message names every bad value and what is accepted: a traceback adds nothing.
+            print(f"{type(err).__module__}.{type(err).__name__}: {err}", file=sys.stderr)
+            sys.exit(1)
         # In a sweep, record the bad variant as a failed run and go on with the next one.
         log.error("variant %s: %s", run_name(), err)
         tracking = TrackingConfig(**OmegaConf.to_container(dcfg.tracking, resolve=True))
