@@ -25,7 +25,9 @@ import argparse
 import asyncio
 import base64
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -212,10 +214,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop(proc: subprocess.Popen) -> None:
+    """Ends a process started in its own session and everything it started."""
+    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def start_server(uri: str, port: int, log_path: Path) -> subprocess.Popen:
     log = log_path.open("w")
+    # Its own process group: `mlflow ui` starts uvicorn and a job runner, which must stop with it.
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
-                             "--port", str(port), "--workers", "1"], stdout=log, stderr=subprocess.STDOUT)
+                             "--port", str(port), "--workers", "1"], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -226,7 +244,7 @@ def start_server(uri: str, port: int, log_path: Path) -> subprocess.Popen:
                     return proc
         except OSError:
             time.sleep(0.5)
-    proc.terminate()
+    stop(proc)
     raise UiCheckError(f"mlflow ui did not answer on 127.0.0.1:{port} within 120 s; its log: {log_path}")
 
 
@@ -312,11 +330,13 @@ class Browser:
     each page is loaded, awaited until it shows what it must (or a timeout), then captured."""
 
     def __init__(self, binary: str, log_path: Path):
-        self.profile = tempfile.TemporaryDirectory(prefix="ui-check-profile-")  # a fresh profile
+        # A fresh profile; what a crashed helper leaves in it must not fail the check.
+        self.profile = tempfile.TemporaryDirectory(prefix="ui-check-profile-", ignore_cleanup_errors=True)
         self.log = log_path.open("w")
         self.proc = subprocess.Popen(
             [binary, *CHROMIUM_FLAGS, f"--user-data-dir={self.profile.name}", "--remote-debugging-port=0",
-             f"--window-size={WINDOW}", "about:blank"], stdout=self.log, stderr=subprocess.STDOUT)
+             f"--window-size={WINDOW}", "about:blank"], stdout=self.log, stderr=subprocess.STDOUT,
+            start_new_session=True)
         port_file = Path(self.profile.name) / "DevToolsActivePort"
         deadline = time.monotonic() + 60
         while not (port_file.is_file() and port_file.read_text().strip()):
@@ -328,12 +348,9 @@ class Browser:
         self._id = 0
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        # Chromium's helper processes (renderer, GPU, zygote) go with it: they write into the
+        # profile until they end, and a profile removed under them fails the cleanup.
+        stop(self.proc)
         self.log.close()
         self.profile.cleanup()
 
@@ -471,8 +488,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     finally:
         if server is not None:
-            server.terminate()
-            server.wait(timeout=30)
+            stop(server)
     if problems:
         print("ui-check FAILED:\n  - " + "\n  - ".join(problems), file=sys.stderr)
         return 1
