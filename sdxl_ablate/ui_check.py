@@ -127,10 +127,15 @@ def _dialog_js(title: str) -> str:
             f" ? [] : [{f'{title} full screen'!r}]; }})()")
 
 
-def _images_js(minimum: int) -> str:
-    return ("(() => { const n = [...document.querySelectorAll('[role=dialog] img')].filter(i => i.complete && "
-            f"i.naturalWidth > 0).length; return n >= {minimum} ? [] : "
-            f"[`${{n}} of at least {minimum} sample images in the full-screen image grid`]; }})()")
+def _images_js(runs: int, keys: int) -> str:
+    # The grid renders the columns (runs) in view, about ten: every rendered image must have
+    # loaded, and at least all keys of the first min(runs, 4) runs must be there.
+    want = keys * min(runs, 4)
+    return ("(() => { const imgs = [...document.querySelectorAll('[role=dialog] img')]; const loaded = imgs.filter("
+            "i => i.complete && i.naturalWidth > 0).length; const out = []; "
+            f"if (loaded < {want}) out.push(`${{loaded}} of at least {want} sample images ({keys} keys x "
+            f"{min(runs, 4)} runs) in the full-screen image grid`); if (loaded < imgs.length) "
+            "out.push(`${imgs.length - loaded} sample images that did not load`); return out; })()")
 
 
 @dataclass
@@ -162,6 +167,7 @@ class Expected:
     ok: list[str]  # run ids of the finished variants
     score: str = "ablation/final_loss"  # the y axis of score vs memory
     image_keys: int = 0  # `samples/*` keys of the first finished run (0: no samples logged)
+    reused: bool = False  # the sweep reused runs an earlier sweep finished (their sweep_id differs)
     last_step: int = 0  # its last training step (the image slider's end)
 
 
@@ -199,6 +205,7 @@ def expected_runs(uri: str, study: str) -> tuple[Expected, list[str]]:
         problems.append(f"no finished variant run in sweep {', '.join(sweep_ids)}")
     exp = client.get_experiment_by_name(study).experiment_id
     expected = Expected(study, exp, sweep_ids, {r.run_id: r.name for r in runs}, [r.run_id for r in ok])
+    expected.reused = any(r.tags.get("sweep_id") not in sweep_ids for r in runs)
     # The score of the score-vs-memory plot: the best one every finished run has.
     expected.score = next((m for m in ("ablation/clip_style_lift", "ablation/heldout_loss_drop")
                            if ok and all(m in r.metrics for r in ok)), "ablation/final_loss")
@@ -277,7 +284,9 @@ def pages(port: int, expected: Expected) -> dict[str, Page]:
     # MLflow's filters drop a run without the tag, so runs from before kind tags existed are
     # found by the study tag every variant run carries (a report run has none).
     flt = f"tags.study = '{expected.study}'"
-    if expected.sweep_ids != ["legacy"]:
+    if expected.reused:  # runs of earlier sweeps belong to this one: name them
+        flt = "attributes.run_id IN (" + ", ".join(f"'{i}'" for i in expected.runs) + ")"
+    elif expected.sweep_ids != ["legacy"]:
         flt = f"tags.kind = 'variant' and tags.sweep_id = '{expected.sweep_ids[0]}'"
     query = urllib.parse.urlencode({"searchFilter": flt, "orderByKey": "metrics.`ablation/peak_memory_gib`",
                                     "orderByAsc": "true"}, quote_via=urllib.parse.quote)
@@ -312,7 +321,7 @@ def pages(port: int, expected: Expected) -> dict[str, Page]:
     if expected.image_keys:
         out["image_slider"] = Page(charts, ["ablation/peak_memory_gib"],
                                    _image_grid(expected.last_step, expected.image_keys),
-                                   expect=["Image grid"], checks=[_images_js(len(expected.ok) * expected.image_keys)])
+                                   expect=["Image grid"], checks=[_images_js(len(expected.ok), expected.image_keys)])
     return out
 
 
