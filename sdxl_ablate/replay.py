@@ -3,9 +3,9 @@
 When MLflow could not be written during training (see `journal.py`), the run's records were
 kept in OUTPUT_DIR/tracking_journal/journal.jsonl. This replays them, in order, into the run
 they belong to (reopened by id when the store has it, else a new run of the same name and
-tags in the same experiment), with the original steps and timestamps. Progress is kept in
+tags in the same experiment), with the original steps and timestamps. Progress is kept per target store in
 `replay_progress.json`, so an interrupted replay continues where it stopped and a finished
-one is not applied twice.
+one is not applied twice to the same store.
 """
 
 from __future__ import annotations
@@ -56,21 +56,26 @@ def replay(output_dir: Path, tracking_uri: str | None = None) -> str:
     output_dir = Path(output_dir)
     path = journal_path(output_dir)
     records = read_journal(path)
-    progress_file = path.parent / PROGRESS
-    progress = json.loads(progress_file.read_text()) if progress_file.is_file() else {"applied": 0, "run_id": None}
     first = records[0]
     uri = tracking_uri or first["uri"]
+    # Progress per store: replaying into the run's own store and then into another one are two
+    # replays, each into its own run.
+    progress_file = path.parent / PROGRESS
+    stores = json.loads(progress_file.read_text()) if progress_file.is_file() else {}
+    if "applied" in stores:  # the single-store format of earlier versions: it was the run's own store
+        stores = {first["uri"]: stores}
+    progress = stores.setdefault(uri, {"applied": 0, "run_id": None})
     client = MlflowClient(tracking_uri=uri)
     run_id = progress["run_id"]
     if run_id is None:
         run_id = _open_run(client, first)
         progress["run_id"] = run_id
-        atomic_write_json(progress_file, progress)
+        atomic_write_json(progress_file, stores)
     done = progress["applied"]
     for i, rec in enumerate(records[done:], start=done):
         _apply(client, run_id, rec, path.parent)
         progress["applied"] = i + 1
-        atomic_write_json(progress_file, progress)
+        atomic_write_json(progress_file, stores)
     if "tracking.journal" in client.get_run(run_id).data.tags:  # nothing is missing from the run any more
         client.delete_tag(run_id, "tracking.journal")
     log.info("replayed %d records (%d already applied before) into run %s at %s", len(records) - done, done, run_id, uri)

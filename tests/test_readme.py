@@ -222,13 +222,22 @@ class Reader:
                                                    "lora/pytorch_lora_weights.safetensors", str(self.dir / "path"))
             Path(got).rename(self.dir / "path/to/pytorch_lora_weights.safetensors")
         if "replay outputs/demo/2026-12-03_19-20-00" in command and not (self.dir / "outputs/demo/2026-12-03_19-20-00").exists():
-            # A run whose store could not be written (a file where its directory should be):
-            # it trains and journals; then the store is fixed and the journal replayed.
+            # A run whose store failed mid-way (a file where its directory should be), so it
+            # trained and journaled; then the store is fixed and the journal replayed. Made
+            # in-process: from the command line the preflight refuses an unwritable store.
+            from sdxl_ablate import runner
+            from sdxl_ablate.config import to_typed
+            from tests.conftest import compose_config
+
             blocked = self.dir / "was_down"
             blocked.write_text("not a directory")
-            self.run(f"python -m sdxl_ablate experiment=demo variant=attn trainer.max_steps=3 eval=off "
-                     f"tracking.uri=sqlite:///{blocked}/mlflow.db hydra.run.dir=outputs/demo/2026-12-03_19-20-00")
-            assert (self.dir / "outputs/demo/2026-12-03_19-20-00/tracking_journal/journal.jsonl").is_file()
+            cfg = to_typed(compose_config([
+                "experiment=demo", "variant=attn", "trainer.max_steps=3", "eval=off",
+                f"tracking.uri=sqlite:///{blocked}/mlflow.db", f"tracking.artifact_root={self.dir}/mlartifacts",
+                f"trainer.checkpoint_dir={self.dir}/checkpoints", "trainer.force=true"]))
+            out = self.dir / "outputs/demo/2026-12-03_19-20-00"
+            assert runner.run(cfg, "variant=attn,trainer.max_steps=3", out) is not None
+            assert (out / "tracking_journal/journal.jsonl").is_file()
             blocked.unlink()
             blocked.mkdir()
 

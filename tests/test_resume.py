@@ -390,6 +390,16 @@ def test_an_unwritable_tracking_store_does_not_stop_training_and_replay_restores
     assert run.data.metrics["train/final_loss"] == pytest.approx(result)
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"config.yaml", "lora"}
 
+    # Into a second store as well: a replay of its own, not the first store's run id.
+    other = f"sqlite:///{tmp_path}/other.db"
+    assert replay_main([str(out), "--tracking-uri", other]) == 0
+    client2 = MlflowClient(other)
+    again = client2.search_runs([client2.get_experiment_by_name("unit").experiment_id])
+    assert len(again) == 1 and again[0].info.run_id != run.info.run_id
+    assert sorted(m.step for m in client2.get_metric_history(again[0].info.run_id, "train/loss")) == [0, 1, 2]
+    assert replay_main([str(out), "--tracking-uri", good]) == 0  # the first store: still nothing new
+    assert len(client.search_runs([client.get_experiment_by_name("unit").experiment_id])) == 1
+
 
 def test_a_full_artifact_disk_keeps_the_run_and_journals_only_the_artifacts(tmp_path, monkeypatch):
     from sdxl_ablate.tracking import Tracker
