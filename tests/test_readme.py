@@ -8,7 +8,7 @@ filled in with a real value; nothing else is changed. A command that is not run 
 own line what it needs (the hub, GPUs, a cluster). A README command this file does not know
 fails the test: classify it, and run it if it is offline.
 
-Slow (about 20 minutes on 2 cores): it trains the demo study and its seeds, as the README does.
+Slow (about 15 minutes on 2 cores): it trains the demo study and its seeds, as the README does.
 """
 
 from __future__ import annotations
@@ -242,7 +242,7 @@ class Reader:
             blocked.mkdir()
 
 
-@pytest.mark.timeout(3600)  # the whole README, demo and seeds included: about 20 minutes on 2 cores
+@pytest.mark.timeout(3600)  # the whole README, demo and seeds included: about 15 minutes on 2 cores
 def test_the_readme_commands_work_as_written(tmp_path, capsys):
     if not (VENV / ".installed-stamp").is_file() or \
             (VENV / ".installed-stamp").stat().st_mtime < (REPO / "pyproject.toml").stat().st_mtime:
