@@ -57,4 +57,4 @@ bench: install
 	$(BIN)/python -m sdxl_ablate.bench $(ARGS)
 
 clean:
-	rm -rf outputs multirun mlflow.db mlartifacts reports checkpoints
+	rm -rf outputs multirun mlflow.db mlflow.db.lock mlartifacts reports checkpoints
