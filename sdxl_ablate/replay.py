@@ -3,9 +3,9 @@
 When MLflow could not be written during training (see `journal.py`), the run's records were
 kept in OUTPUT_DIR/tracking_journal/journal.jsonl. This replays them, in order, into the run
 they belong to (reopened by id when the store has it, else a new run of the same name and
-tags in the same experiment), with the original steps and timestamps. Progress is kept per target store in
-`replay_progress.json`, so an interrupted replay continues where it stopped and a finished
-one is not applied twice to the same store.
+tags in the same experiment), with the original steps and timestamps. Progress is kept per
+target store in `replay_progress.json`, so an interrupted replay continues where it stopped
+and a finished one is not applied twice to the same store.
 """
 
 from __future__ import annotations

@@ -67,9 +67,15 @@ def _search_charts(text: str) -> list[tuple]:
                       ".startsWith('Search metric charts'))"), ("type", text), ("wait", 2.0)]
 
 
+def _leaf(text: str, within: str = "") -> str:
+    """JS: the innermost element (no child elements) showing exactly that text, under `within`
+    (a CSS selector; the whole page when empty): how titles and headers are found."""
+    return (f"[...document.querySelectorAll('{within} *'.trim())].find(e => e.childElementCount === 0 && "
+            f"e.innerText === {text!r})")
+
+
 def _scroll_to_section(name: str) -> str:
-    return (f"(() => {{ const h = [...document.querySelectorAll('*')].find(e => e.childElementCount === 0 && "
-            f"e.innerText === {name!r}); if (h) h.scrollIntoView({{block: 'start'}}); }})()")
+    return f"(() => {{ const h = {_leaf(name)}; if (h) h.scrollIntoView({{block: 'start'}}); }})()"
 
 
 def _pick(selector_id: str, option: str) -> list[tuple]:
@@ -93,8 +99,7 @@ def _image_grid(last_step: int, keys: int) -> list[tuple]:
             ("click", "document.querySelector('[role=dialog] button[role=combobox]')"),
             *[step for _ in range(keys - 1) for step in (("click", _UNSELECTED), ("wait", 0.5))],
             # Closes the list by a click on the dialog's title, above it (the list covers the rest).
-            ("click", "[...document.querySelectorAll('[role=dialog] *')].find(e => e.childElementCount === 0 && "
-                      "e.innerText === 'Edit chart')"),
+            ("click", _leaf("Edit chart", within="[role=dialog]")),
             ("focus", "document.querySelector('[role=dialog] input[type=number]')"),
             ("js", "document.activeElement.select()"), ("type", str(last_step)), ("key", "Enter"), ("wait", 1.0),
             ("click", "document.querySelector('[data-testid=experiment-view-compare-runs-chart-modal-confirm]')"),
@@ -104,8 +109,7 @@ def _image_grid(last_step: int, keys: int) -> list[tuple]:
 
 def _fullscreen(title: str) -> tuple:
     """Click the full-screen button of the chart card with that title."""
-    return ("click", f"(() => {{ let c = [...document.querySelectorAll('*')].find(e => e.childElementCount === 0 "
-                     f"&& e.innerText === {title!r}); while (c && !c.querySelector("
+    return ("click", f"(() => {{ let c = {_leaf(title)}; while (c && !c.querySelector("
                      "'[data-component-id=fullscreen_button_chartcard]')) c = c.parentElement; "
                      "return c && c.querySelector('[data-component-id=fullscreen_button_chartcard]'); })()")
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +24,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from sdxl_ablate.ui_check import stop
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -180,9 +181,7 @@ class Reader:
 
     def stop_servers(self) -> None:
         for proc in self.servers:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=60)
+            stop(proc)  # the server and the workers it started (its own session)
         self.servers.clear()
 
     # ---- the values a reader would copy from the UI or the report
@@ -201,14 +200,13 @@ class Reader:
     def fill(self, command: str) -> str:
         run = self.finished_run()
         if "<config hash>" in command:
-            from sdxl_ablate.config import config_hash
+            from sdxl_ablate.config import config_hash, to_typed
             from tests.conftest import compose_config
-            from sdxl_ablate.config import to_typed
 
             chash = config_hash(to_typed(compose_config(["experiment=demo", "variant=attn"])))
             steps = sorted((self.dir / "checkpoints/demo" / chash).glob("step-*"))
             assert steps, f"no checkpoint of variant=attn under checkpoints/demo/{chash}"
-            command = command.replace(f"checkpoints/demo/<config hash>/step-00000028",
+            command = command.replace("checkpoints/demo/<config hash>/step-00000028",
                                       str(steps[-1].relative_to(self.dir)))
         command = command.replace("RUN_ID", run.info.run_id)
         return re.sub(r"--sweep ID\b", f"--sweep {run.data.tags['sweep_id']}", command)
@@ -258,13 +256,10 @@ def test_the_readme_commands_work_as_written(tmp_path, capsys):
                     reader.run(command)
                 continue
             reader.before(command)
-            if how == SERVER:
-                if command.startswith("mlflow server"):
-                    assert _free(5000), "port 5000 is taken: the README's server example needs it"
-                    reader.serve(command, "http://127.0.0.1:5000/health")
-                else:  # make mlflow-ui: it answers, and shows the study's experiment
-                    assert _free(5000), "port 5000 is taken: make mlflow-ui needs it"
-                    reader.serve(command, "http://127.0.0.1:5000/health")
+            if how == SERVER:  # both README servers listen on 5000
+                assert _free(5000), f"port 5000 is taken: `{command}` needs it"
+                reader.serve(command, "http://127.0.0.1:5000/health")
+                if command == "make mlflow-ui":  # it shows the study's experiment; then it stops
                     with urllib.request.urlopen("http://127.0.0.1:5000/ajax-api/2.0/mlflow/experiments/"
                                                 "get-by-name?experiment_name=demo", timeout=30) as r:
                         assert b'"name": "demo"' in r.read().replace(b'":"', b'": "')

@@ -14,6 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from sdxl_ablate.tracking import artifact_location, get_or_create_experiment
+from sdxl_ablate.ui_check import stop
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -118,7 +119,8 @@ def mlflow_server(tmp_path):
     proc = subprocess.Popen([str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port),
                              "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
                              "--artifacts-destination", str(dest), "--workers", "1"],
-                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # stopped with the workers it starts
     uri = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -129,11 +131,10 @@ def mlflow_server(tmp_path):
             assert proc.poll() is None, proc.stderr.read()[-3000:]
             time.sleep(0.5)
     else:
-        proc.kill()
+        stop(proc)
         pytest.fail("mlflow server did not start within 120 s")
     yield uri, dest
-    proc.terminate()
-    proc.wait(timeout=30)
+    stop(proc)
 
 
 @pytest.mark.slow
