@@ -46,7 +46,7 @@ mlflow-ui: install
 ## The study in the real MLflow UI (headless chromium: apt-get update && apt-get install -y chromium):
 ## screenshots into reports/<study>/ui/, non-zero exit if runs or headline metrics are missing.
 ui-check: install
-	$(BIN)/python -m sdxl_ablate.ui_check --study $(or $(STUDY),demo)
+	$(BIN)/python -m tests.e2e.ui_check --study $(or $(STUDY),demo)
 
 ## Dry run: parameter counts and the memory prediction, e.g. make plan ARGS="model=sdxl_random lora.targets=all"
 plan: install

@@ -16,10 +16,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from . import sweep
-from .config import ConfigError, TrackingConfig, register_configs, to_typed
-from .launchers import register_resolvers
-from .tracking import Tracker, resolve_uri
+from sdxl_ablate.run import sweep
+from sdxl_ablate.config import ConfigError, TrackingConfig, register_configs, to_typed
+from sdxl_ablate.run.launchers import register_resolvers
+from sdxl_ablate.track.tracker import Tracker, resolve_uri
 
 log = logging.getLogger("sdxl_ablate")
 register_configs()
@@ -55,14 +55,14 @@ def main(dcfg: DictConfig) -> float | None:
         return None
 
     if not multirun:  # a sweep's preflight ran once, for all its jobs, in SweepCallback
-        from .preflight import PreflightError, check
+        from sdxl_ablate.run.preflight import PreflightError, check
 
         try:
             check([cfg])
         except PreflightError as e:
             print(f"\n{e}\n", file=sys.stderr)
             sys.exit(sweep.PREFLIGHT_EXIT)
-    from .runner import run  # heavy imports (torch, diffusers) only once the config is valid
+    from sdxl_ablate.run.runner import run  # heavy imports (torch, diffusers) only once the config is valid
 
     result = run(cfg, run_name(), Path(hc.runtime.output_dir), info)
     if not multirun:
@@ -81,7 +81,7 @@ def exit_code() -> int:
 
 if __name__ == "__main__":
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: rank 0 alone owns the output dir
-        from .distributed import hydra_overrides
+        from sdxl_ablate.train.distributed import hydra_overrides
 
         sys.argv += hydra_overrides()
     main()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import signal
 
-from sdxl_ablate import checkpoint as ck
+from sdxl_ablate.train import checkpoint as ck
 
 
 def arm(kill_at: str) -> None:

@@ -13,9 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sdxl_ablate import basecache, runner
+from sdxl_ablate.model import basecache
+from sdxl_ablate.run import runner
 from sdxl_ablate.config import to_typed
-from sdxl_ablate.models import build_tiny
+from sdxl_ablate.model.sdxl import build_tiny
 
 from .conftest import ROOT, compose_config, tiny_overrides
 
@@ -152,7 +153,7 @@ def test_the_cache_key_follows_what_changes_the_base(tmp_path):
 def test_the_random_full_size_model_is_born_in_its_dtypes_and_repeats_for_its_seed(monkeypatch):
     """build_random_base on a scaled-down config (the real one is 2.6 B parameters): built directly
     in bf16 (VAE fp32), the same weights from any global RNG state, the caller's RNG untouched."""
-    from sdxl_ablate import models
+    from sdxl_ablate.model import sdxl as models
 
     monkeypatch.setattr(models, "SDXL_UNET_CONFIG", models._TINY_UNET_CONFIG)
     monkeypatch.setattr(models, "SDXL_VAE_CONFIG", models._TINY_VAE_CONFIG)
@@ -218,8 +219,8 @@ def test_compiled_blocks_are_reused_by_a_later_variant_with_the_same_block_struc
     from torch._dynamo.testing import CompileCounter
 
     from sdxl_ablate.config import LoraConfig, Targets
-    from sdxl_ablate.lora import add_adapters, remove_adapters
-    from sdxl_ablate.train import compile_blocks, uncompile_blocks
+    from sdxl_ablate.model.lora import add_adapters, remove_adapters
+    from sdxl_ablate.train.loop import compile_blocks, uncompile_blocks
 
     counter = CompileCounter()
     real = torch.nn.Module.compile

@@ -18,7 +18,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from sdxl_ablate import runner
+from sdxl_ablate.run import runner
 from sdxl_ablate.config import to_typed
 
 from .conftest import compose_config, tiny_overrides

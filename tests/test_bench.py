@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from sdxl_ablate import bench
-from sdxl_ablate.plan import compose
+from sdxl_ablate.perf import bench
+from sdxl_ablate.perf.plan import compose
 
 
 @pytest.mark.parametrize("name", list(bench.CONFIGS))

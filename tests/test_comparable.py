@@ -11,9 +11,10 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from sdxl_ablate import preflight, runner
+from sdxl_ablate.run import preflight
+from sdxl_ablate.run import runner
 from sdxl_ablate.config import TrackingConfig, to_typed, used_params
-from sdxl_ablate.sweep import PREFLIGHT_EXIT, SweepInfo
+from sdxl_ablate.run.sweep import PREFLIGHT_EXIT, SweepInfo
 
 from .conftest import ROOT, compose_config, tiny_overrides
 
@@ -118,7 +119,7 @@ def test_a_sweep_run_twice_is_two_sweeps_each_nested_under_its_parent(tmp_path):
 
 
 def test_a_failed_evaluation_keeps_the_trained_variant_and_can_be_rerun(tmp_path, monkeypatch):
-    from sdxl_ablate import evaluate as evaluate_mod
+    from sdxl_ablate.evaluate import scores as evaluate_mod
 
     def broken(*args, **kwargs):
         raise RuntimeError("CLIP weights unreadable")
@@ -180,8 +181,8 @@ def test_the_training_peak_does_not_depend_on_the_order_of_the_sweep(tmp_path):
 
 
 def test_no_effect_is_flagged_from_zero_b_matrices_or_a_change_within_noise(tmp_path):
-    from sdxl_ablate.lora import add_adapters
-    from sdxl_ablate.models import build_tiny
+    from sdxl_ablate.model.lora import add_adapters
+    from sdxl_ablate.model.sdxl import build_tiny
 
     cfg = typed(tmp_path)
     components = build_tiny()

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
 from sdxl_ablate.config import Config, ConfigError, Optimizer, Targets, flatten, to_typed
-from sdxl_ablate.lora import UNET_TARGETS
+from sdxl_ablate.model.lora import UNET_TARGETS
 
 from .conftest import CONF, ROOT, compose_config
 

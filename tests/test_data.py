@@ -1,4 +1,4 @@
-"""Tests of sdxl_ablate.data: sources, skipping of bad images, splits, transforms, caption dropout."""
+"""Tests of sdxl_ablate.data.datasets: sources, skipping of bad images, splits, transforms, caption dropout."""
 
 import json
 import os
@@ -12,7 +12,7 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 from sdxl_ablate.config import Crop, DataConfig, DataSource
-from sdxl_ablate.data import (
+from sdxl_ablate.data.datasets import (
     DataError,
     ImageTransform,
     load_data,

@@ -12,10 +12,10 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-import sdxl_ablate.evaluate as evaluate_module
+import sdxl_ablate.evaluate.scores as evaluate_module
 from sdxl_ablate.config import Config, DataConfig, EvalConfig, LoraConfig, Precision, TrackingConfig, TrainerConfig
-from sdxl_ablate.data import Example, LoadedData
-from sdxl_ablate.evaluate import (
+from sdxl_ablate.data.datasets import Example, LoadedData
+from sdxl_ablate.evaluate.scores import (
     ClipLoadError,
     clip_scores,
     evaluate,
@@ -28,10 +28,10 @@ from sdxl_ablate.evaluate import (
     text_score,
     tiny_clip,
 )
-from sdxl_ablate.lora import add_adapters, load_lora, remove_adapters, save_lora
-from sdxl_ablate.memory import dequantize_base_weights, store_base_weights_fp8
-from sdxl_ablate.models import build_tiny
-from sdxl_ablate.tracking import Tracker
+from sdxl_ablate.model.lora import add_adapters, load_lora, remove_adapters, save_lora
+from sdxl_ablate.train.memory import dequantize_base_weights, store_base_weights_fp8
+from sdxl_ablate.model.sdxl import build_tiny
+from sdxl_ablate.track.tracker import Tracker
 
 METRICS = {
     "eval/heldout_loss", "eval/heldout_loss_base", "eval/heldout_loss_delta", "eval/heldout_loss_delta_se",

@@ -10,9 +10,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from sdxl_ablate import kohya
+from sdxl_ablate.model import kohya
 from sdxl_ablate.config import LoraConfig, Targets
-from sdxl_ablate.export import (
+from sdxl_ablate.export.lora_export import (
     DORA_NOTE,
     ExportError,
     kohya_filename,
@@ -21,8 +21,8 @@ from sdxl_ablate.export import (
     write_diffusers,
     write_kohya,
 )
-from sdxl_ablate.lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, load_lora, save_lora, saved_configs
-from sdxl_ablate.models import build_sdxl_random, build_tiny, build_unet
+from sdxl_ablate.model.lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, load_lora, save_lora, saved_configs
+from sdxl_ablate.model.sdxl import build_sdxl_random, build_tiny, build_unet
 
 from .test_lora import SEED, outputs, trained_like
 
@@ -265,7 +265,7 @@ def test_full_sdxl_text_encoder_keys_are_real_module_names(full_sdxl):
         model = getattr(full_sdxl, component)
         # diffusers names the module with `text_model.`; it is that module in either transformers
         assert path == kohya.canonical_text_encoder_name(name)
-        from sdxl_ablate.lora import find_module
+        from sdxl_ablate.model.lora import find_module
 
         assert find_module(model, path) is model.get_submodule(name)
 
@@ -437,7 +437,7 @@ def test_bad_sources_fail_with_what_is_accepted(tmp_path, capsys):
 def test_every_finished_run_logs_the_kohya_file_and_the_cli_exports_by_run_id(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from sdxl_ablate import runner
+    from sdxl_ablate.run import runner
     from sdxl_ablate.config import to_typed
 
     from .conftest import compose_config, tiny_overrides

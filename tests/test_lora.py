@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sdxl_ablate.config import LoraConfig, Targets
-from sdxl_ablate.lora import (
+from sdxl_ablate.model.lora import (
     LORA_FILE,
     TEXT_ENCODER_TARGETS,
     UNET_TARGETS,
@@ -18,7 +18,7 @@ from sdxl_ablate.lora import (
     remove_adapters,
     save_lora,
 )
-from sdxl_ablate.models import build_tiny
+from sdxl_ablate.model.sdxl import build_tiny
 
 SEED = 0
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from sdxl_ablate.memory import GIB, MemoryGuard, is_oom, peak_rss_bytes, reset_peak_rss
+from sdxl_ablate.train.memory import GIB, MemoryGuard, is_oom, peak_rss_bytes, reset_peak_rss
 
 
 def test_cpu_peak_is_reset_between_variants():

@@ -1,4 +1,4 @@
-"""sdxl_ablate.models: the offline tokenizer, the built models' exact sizes, loading, the pipeline.
+"""sdxl_ablate.model.sdxl: the offline tokenizer, the built models' exact sizes, loading, the pipeline.
 
 The full-size SDXL is only ever built on the meta device here; everything else is the tiny model.
 """
@@ -12,9 +12,9 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, EulerDiscreteScheduler
 
-from sdxl_ablate import models
+from sdxl_ablate.model import sdxl as models
 from sdxl_ablate.config import ModelConfig, ModelKind
-from sdxl_ablate.models import (
+from sdxl_ablate.model.sdxl import (
     SDXL_SCHEDULER_CONFIG,
     ModelLoadError,
     build_sdxl_random,

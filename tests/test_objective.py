@@ -9,9 +9,9 @@ import torch
 from diffusers import DDPMScheduler
 
 from sdxl_ablate.config import Config, TrainerConfig
-from sdxl_ablate.models import SDXL_SCHEDULER_CONFIG, build_tiny
-from sdxl_ablate.precompute import encode_images, encode_prompts, sample_latents
-from sdxl_ablate.train import batches, diffusion_loss, total_steps
+from sdxl_ablate.model.sdxl import SDXL_SCHEDULER_CONFIG, build_tiny
+from sdxl_ablate.data.precompute import encode_images, encode_prompts, sample_latents
+from sdxl_ablate.train.loop import batches, diffusion_loss, total_steps
 
 
 class EchoUNet(torch.nn.Module):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sdxl_ablate import runner
+from sdxl_ablate.run import runner
 from sdxl_ablate.config import Optimizer, Precision, to_typed
 
 from .conftest import CONF, compose_config, tiny_overrides

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from sdxl_ablate.ui_check import stop
+from tests.e2e.ui_check import stop
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -90,8 +90,8 @@ COMMANDS: dict[str, str] = {
     "tracking.uri=http://127.0.0.1:5000 lora.rank=2,3,4,5": RUN,
     "torchrun --standalone --nproc_per_node=2 -m sdxl_ablate experiment=demo trainer.batch_size=8": NEEDS,
     "torchrun --standalone --nproc_per_node=2 -m sdxl_ablate experiment=demo device=cpu trainer.batch_size=4": RUN,
-    "python -m sdxl_ablate.scale_bench": NEEDS,
-    "python -m sdxl_ablate.scale_bench --dry-run": RUN,
+    "python -m sdxl_ablate.perf.scale_bench": NEEDS,
+    "python -m sdxl_ablate.perf.scale_bench --dry-run": RUN,
 }
 
 # `$` examples whose command fails on purpose: the exit code they must give.
@@ -223,7 +223,7 @@ class Reader:
             # A run whose store failed mid-way (a file where its directory should be), so it
             # trained and journaled; then the store is fixed and the journal replayed. Made
             # in-process: from the command line the preflight refuses an unwritable store.
-            from sdxl_ablate import runner
+            from sdxl_ablate.run import runner
             from sdxl_ablate.config import to_typed
             from tests.conftest import compose_config
 

@@ -12,7 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from sdxl_ablate.report import (ReportError, RunRecord, Stat, analyse, main, pareto_set, select_runs, table_rows,
+from sdxl_ablate.report.study import (ReportError, RunRecord, Stat, analyse, main, pareto_set, select_runs, table_rows,
                                 verdict, within_noise, SCORES)
 
 

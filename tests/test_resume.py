@@ -15,14 +15,14 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from sdxl_ablate import checkpoint as ck
-from sdxl_ablate import runner
-from sdxl_ablate import train as train_mod
+from sdxl_ablate.train import checkpoint as ck
+from sdxl_ablate.run import runner
+from sdxl_ablate.train import loop as train_mod
 from sdxl_ablate.config import config_hash, hashed_items, to_typed
-from sdxl_ablate.data import load_data
-from sdxl_ablate.models import build_tiny
-from sdxl_ablate.pickup import LOCK, variant_dir
-from sdxl_ablate.replay import main as replay_main
+from sdxl_ablate.data.datasets import load_data
+from sdxl_ablate.model.sdxl import build_tiny
+from sdxl_ablate.run.pickup import LOCK, variant_dir
+from sdxl_ablate.track.replay import main as replay_main
 
 from .conftest import compose_config, tiny_overrides
 
@@ -402,7 +402,7 @@ def test_an_unwritable_tracking_store_does_not_stop_training_and_replay_restores
 
 
 def test_a_full_artifact_disk_keeps_the_run_and_journals_only_the_artifacts(tmp_path, monkeypatch):
-    from sdxl_ablate.tracking import Tracker
+    from sdxl_ablate.track.tracker import Tracker
 
     def disk_full(self, path, artifact_path=None):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -430,7 +430,7 @@ def test_a_full_artifact_disk_keeps_the_run_and_journals_only_the_artifacts(tmp_
 
 # --------------------------------------------------------------------------- latent cache
 def test_the_latent_cache_round_trips_through_safetensors_exactly(tmp_path):
-    from sdxl_ablate import precompute
+    from sdxl_ablate.data import precompute
 
     cfg = typed(tmp_path)
     data = load_data(cfg.data)

@@ -15,9 +15,9 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from sdxl_ablate import runner
+from sdxl_ablate.run import runner
 from sdxl_ablate.config import to_typed
-from sdxl_ablate.pickup import variant_dir
+from sdxl_ablate.run.pickup import variant_dir
 
 from .conftest import ROOT, compose_config, tiny_overrides
 
@@ -106,11 +106,11 @@ def test_resume_on_a_gpu_matches_within_bf16_tolerance(tmp_path, monkeypatch):
     convolution weight gradients) accumulate with atomics in a varying order, and the CUDA
     graph is captured anew after the resume. Two uninterrupted runs already differ by that
     much; the resumed one must stay within the same bf16-sized tolerance."""
-    from sdxl_ablate import checkpoint as ck
-    from sdxl_ablate import train as train_mod
+    from sdxl_ablate.train import checkpoint as ck
+    from sdxl_ablate.train import loop as train_mod
     from sdxl_ablate.config import hashed_items
-    from sdxl_ablate.data import load_data
-    from sdxl_ablate.models import build_tiny
+    from sdxl_ablate.data.datasets import load_data
+    from sdxl_ablate.model.sdxl import build_tiny
 
     cfg = to_typed(compose_config(tiny_overrides(tmp_path, "device=cuda", "data.resolution=64", "lora.rank=4",
                                                  "trainer.max_steps=8", "trainer.compile=false",

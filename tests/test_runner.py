@@ -10,9 +10,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from sdxl_ablate import runner
+from sdxl_ablate.run import runner
 from sdxl_ablate.config import to_typed
-from sdxl_ablate.export import kohya_filename
+from sdxl_ablate.export.lora_export import kohya_filename
 
 from .conftest import ROOT, compose_config, tiny_overrides
 
@@ -79,7 +79,7 @@ def test_oom_ends_the_variant_with_status_oom_and_its_peak(tmp_path, monkeypatch
 
 
 def test_non_finite_losses_in_a_row_end_the_run_with_status_nan(tmp_path, monkeypatch):
-    from sdxl_ablate import train as train_mod
+    from sdxl_ablate.train import loop as train_mod
 
     monkeypatch.setattr(train_mod, "diffusion_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
     result, run, _ = run_variant(tmp_path, "trainer.max_steps=10", "trainer.max_nonfinite_in_row=3")
@@ -115,7 +115,7 @@ def test_the_run_logs_the_resolved_config(tmp_path):
 
 
 def test_unreadable_images_are_skipped_counted_and_logged(tmp_path):
-    from sdxl_ablate.data import make_sample_dataset
+    from sdxl_ablate.data.datasets import make_sample_dataset
 
     folder = make_sample_dataset(tmp_path / "imgs", n=6, size=64)
     (folder / next(p.name for p in sorted(folder.glob("*.png")))).write_bytes(b"not a png at all")
@@ -129,7 +129,7 @@ def test_unreadable_images_are_skipped_counted_and_logged(tmp_path):
 
 
 def test_a_skipped_non_finite_step_is_counted_and_training_goes_on(tmp_path, monkeypatch):
-    from sdxl_ablate import train as train_mod
+    from sdxl_ablate.train import loop as train_mod
 
     real, calls = train_mod.diffusion_loss, []
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdxl_ablate.bench import synthetic_data
+from sdxl_ablate.perf.bench import synthetic_data
 from sdxl_ablate.config import ConfigError, to_typed
-from sdxl_ablate.lora import lora_modules
-from sdxl_ablate.models import build_tiny
-from sdxl_ablate.samples import TrainingSamples, sample_key, sample_steps
-from sdxl_ablate.train import train
+from sdxl_ablate.model.lora import lora_modules
+from sdxl_ablate.model.sdxl import build_tiny
+from sdxl_ablate.evaluate.samples import TrainingSamples, sample_key, sample_steps
+from sdxl_ablate.train.loop import train
 
 from .conftest import compose_config, tiny_overrides
 
@@ -56,7 +56,7 @@ def test_base_images_are_the_base_model_and_adapters_come_back(tmp_path):
     cfg = to_typed(compose_config(tiny_overrides(tmp_path, *FAST)))
     cfg.eval.every_n_steps = 1
     c = build_tiny(0)
-    from sdxl_ablate.lora import add_adapters
+    from sdxl_ablate.model.lora import add_adapters
 
     params = add_adapters(c, cfg.lora)
     with torch.no_grad():

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from sdxl_ablate.config import to_typed
-from sdxl_ablate.launchers import register_resolvers
-from sdxl_ablate.scale_bench import STUDY_VARIANTS, commands, main
+from sdxl_ablate.run.launchers import register_resolvers
+from sdxl_ablate.perf.scale_bench import STUDY_VARIANTS, commands, main
 
 from .conftest import compose_config
 

@@ -11,11 +11,11 @@ import time
 import torch
 from PIL import Image
 
-from sdxl_ablate import precompute
+from sdxl_ablate.data import precompute
 from sdxl_ablate.config import to_typed
-from sdxl_ablate.data import Example
-from sdxl_ablate.models import build_tiny
-from sdxl_ablate.precompute import build_cache, cache_key
+from sdxl_ablate.data.datasets import Example
+from sdxl_ablate.model.sdxl import build_tiny
+from sdxl_ablate.data.precompute import build_cache, cache_key
 
 from .conftest import compose_config, tiny_overrides
 

@@ -13,9 +13,9 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from sdxl_ablate import runner
+from sdxl_ablate.run import runner
 from sdxl_ablate.config import to_typed
-from sdxl_ablate.distributed import Ddp, hydra_overrides
+from sdxl_ablate.train.distributed import Ddp, hydra_overrides
 
 from .conftest import ROOT, compose_config, tiny_overrides
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from sdxl_ablate.devices import Gpu, acquire_device
+from sdxl_ablate.run.devices import Gpu, acquire_device
 
 from .conftest import ROOT, compose_config, tiny_overrides
 
@@ -71,7 +71,7 @@ def test_explicit_index_and_torchrun_rank_take_their_gpu_unclaimed():
 # its GPU 1.5 s and prints when it held it.
 CLAIMER = textwrap.dedent("""
     import pathlib, sys, time
-    from sdxl_ablate.devices import Gpu, acquire_device
+    from sdxl_ablate.run.devices import Gpu, acquire_device
     gpus = [Gpu(0, "GPU-aaaa", "H200"), Gpu(1, "GPU-bbbb", "H200")]
     ready = pathlib.Path(sys.argv[1])
     (ready / sys.argv[2]).touch()
@@ -110,7 +110,7 @@ def test_four_processes_never_share_a_gpu(tmp_path):
 def test_launcher_presets_compose():
     from omegaconf import OmegaConf
 
-    from sdxl_ablate.launchers import register_resolvers
+    from sdxl_ablate.run.launchers import register_resolvers
 
     register_resolvers()
     local = compose_config(["hydra/launcher=gpus_local", "sweep=naruto_study"], return_hydra_config=True)
@@ -159,7 +159,7 @@ def test_memory_guard_caps_and_reads_the_claimed_gpu(monkeypatch):
     are recorded: no GPU here)."""
     from types import SimpleNamespace
 
-    from sdxl_ablate.memory import MemoryGuard
+    from sdxl_ablate.train.memory import MemoryGuard
 
     calls = []
     cuda = torch.cuda

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from sdxl_ablate.tracking import artifact_location, get_or_create_experiment
-from sdxl_ablate.ui_check import stop
+from sdxl_ablate.track.tracker import artifact_location, get_or_create_experiment
+from tests.e2e.ui_check import stop
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 JOB = textwrap.dedent("""
     import pathlib, sys, time
     from sdxl_ablate.config import TrackingConfig
-    from sdxl_ablate.tracking import Tracker
+    from sdxl_ablate.track.tracker import Tracker
     uri, root, n, i = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
     (pathlib.Path("ready") / i).touch()
     deadline = time.time() + 300

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from sdxl_ablate import bench
+from sdxl_ablate.perf import bench
 
 from .conftest import tiny_overrides
 

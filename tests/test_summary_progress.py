@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdxl_ablate.placement import place
-from sdxl_ablate.progress import short_name, sweep_size, without_seed
-from sdxl_ablate.summary import summary_metrics
+from sdxl_ablate.model.placement import place
+from sdxl_ablate.run.progress import short_name, sweep_size, without_seed
+from sdxl_ablate.evaluate.headline import summary_metrics
 
 
 def test_summary_metrics_from_a_variants_metrics():
@@ -54,7 +54,7 @@ def test_job_label_in_a_real_sweep(tmp_path):
     app = tmp_path / "app.py"
     app.write_text(textwrap.dedent("""
         import hydra
-        from sdxl_ablate.progress import job_label
+        from sdxl_ablate.run.progress import job_label
         from hydra.core.hydra_config import HydraConfig
 
         @hydra.main(version_base="1.3", config_path=None, config_name=None)
@@ -74,7 +74,7 @@ def test_place_casts_without_diffusers_float32_warning(caplog):
     from diffusers import UNet2DConditionModel
     from diffusers.utils import logging as dlogging
 
-    from sdxl_ablate.models import build_tiny
+    from sdxl_ablate.model.sdxl import build_tiny
 
     unet: UNet2DConditionModel = build_tiny(0).unet
     dlogging.enable_propagation()
@@ -98,7 +98,7 @@ def test_a_variant_trains_and_evaluates_without_the_known_library_warnings(tmp_p
 
     from diffusers.utils import logging as dlogging
 
-    from sdxl_ablate import runner
+    from sdxl_ablate.run import runner
     from sdxl_ablate.config import to_typed
     from tests.conftest import compose_config, tiny_overrides
 

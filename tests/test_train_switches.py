@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdxl_ablate import train as train_mod
-from sdxl_ablate.bench import synthetic_data
+from sdxl_ablate.train import loop as train_mod
+from sdxl_ablate.perf.bench import synthetic_data
 from sdxl_ablate.config import to_typed
-from sdxl_ablate.memory import Fp8Linear, store_base_weights_fp8
-from sdxl_ablate.models import build_tiny
+from sdxl_ablate.train.memory import Fp8Linear, store_base_weights_fp8
+from sdxl_ablate.model.sdxl import build_tiny
 
 from .conftest import compose_config, tiny_overrides
 

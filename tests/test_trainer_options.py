@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from sdxl_ablate import train as train_mod
+from sdxl_ablate.train import loop as train_mod
 from sdxl_ablate.config import to_typed
-from sdxl_ablate.data import load_data
-from sdxl_ablate.models import build_tiny
+from sdxl_ablate.data.datasets import load_data
+from sdxl_ablate.model.sdxl import build_tiny
 
 from .conftest import compose_config, tiny_overrides
 

@@ -9,7 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from sdxl_ablate.ui_check import main
+from tests.e2e.ui_check import main
 
 pytestmark = pytest.mark.slow
 needs_chromium = pytest.mark.skipif(not Path("/usr/bin/chromium").exists() and not shutil.which("chromium"),

@@ -25,9 +25,9 @@ from typing import Callable, Iterator
 import torch
 from PIL import Image
 
-from .config import Config
-from .evaluate import eval_jobs, generate
-from .train import Hooks, lora_input_casting, total_steps
+from sdxl_ablate.config import Config
+from sdxl_ablate.evaluate.scores import eval_jobs, generate
+from sdxl_ablate.train.loop import Hooks, lora_input_casting, total_steps
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def inference_state(components, device: torch.device) -> Iterator[object]:
 def adapters_disabled(components) -> Iterator[None]:
     """The base model: every LoRA layer bypassed (not merged, nothing changed), then back on
     with the trainable flags as they were."""
-    from .lora import lora_modules
+    from sdxl_ablate.model.lora import lora_modules
 
     modules = list(lora_modules(components).values())
     grads = [(p, p.requires_grad) for m in modules for p in m.parameters()]

@@ -40,13 +40,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import BaseWeights, Config, ModelKind, cache_root
-from .models import SDXLComponents, build_sdxl_random, load_components
-from .placement import place as place_module
+from sdxl_ablate.config import BaseWeights, Config, ModelKind, cache_root
+from sdxl_ablate.model.sdxl import SDXLComponents, build_sdxl_random, load_components
+from sdxl_ablate.model.placement import place as place_module
+from sdxl_ablate.model.precision import compute_dtype, vae_dtype
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # The weights of model=sdxl_random are drawn from this seed (on the device they are built
 # on), so the random base is the same in every process and for every variant.
 RANDOM_MODEL_SEED = 0
@@ -68,12 +68,11 @@ class BaseKey:
 
 def base_key(cfg: Config, device: torch.device) -> BaseKey:
     m = cfg.model
-    dtype = _DTYPES[cfg.trainer.precision.value]
-    vae_dtype = dtype if m.vae_fp16_safe else torch.float32  # as train.prepare_model places it
+    dtype = compute_dtype(cfg)
     pretrained = m.kind == ModelKind.pretrained
     return BaseKey(m.kind.value, m.pretrained if pretrained else None, m.revision if pretrained else None,
                    m.vae if pretrained else None, m.vae_fp16_safe, str(_full_device(device)), str(dtype),
-                   str(vae_dtype))
+                   str(vae_dtype(cfg, dtype)))
 
 
 def _full_device(device: torch.device | str) -> torch.device:
@@ -228,13 +227,13 @@ def _collect(components) -> None:
 
 def _load(cfg: Config, key: BaseKey, device: torch.device) -> _Entry:
     started = time.perf_counter()
-    dtype, vae_dtype = _DTYPES[cfg.trainer.precision.value], (
-        _DTYPES[cfg.trainer.precision.value] if cfg.model.vae_fp16_safe else torch.float32)
+    dtype = compute_dtype(cfg)
+    vae = vae_dtype(cfg, dtype)
     if cfg.model.kind == ModelKind.sdxl_random:
-        c = build_random_base(device, dtype, vae_dtype)
+        c = build_random_base(device, dtype, vae)
     else:
         c = load_components(cfg.model)
-    place(c, device, dtype, vae_dtype)
+    place(c, device, dtype, vae)
     entry = _Entry(key, c, fingerprint(c), dict(c.unet.attn_processors), time.perf_counter() - started)
     log.info("base model loaded in %.1f s (%s on %s, %s)", entry.loaded_s, key.kind, key.device, key.dtype)
     return entry
@@ -265,8 +264,8 @@ def place(c: SDXLComponents, device: torch.device, dtype: torch.dtype, vae_dtype
 def restore(entry: _Entry) -> None:
     """Undoes what a variant (training and evaluation) does to the base, without touching a
     weight's value: see the module docstring for the list."""
-    from .lora import lora_modules, remove_adapters
-    from .train import uncompile_blocks
+    from sdxl_ablate.model.lora import lora_modules, remove_adapters
+    from sdxl_ablate.train.loop import uncompile_blocks
 
     c = entry.components
     uncompile_blocks(c.unet)

@@ -1,7 +1,7 @@
 """The two-GPU measurements of issue 12, as one command for a machine with 2+ GPUs:
 
-    python -m sdxl_ablate.scale_bench                       # needs 2 CUDA GPUs; ~30-60 min on H200s
-    python -m sdxl_ablate.scale_bench --dry-run             # prints the commands, runs nothing
+    python -m sdxl_ablate.perf.scale_bench                       # needs 2 CUDA GPUs; ~30-60 min on H200s
+    python -m sdxl_ablate.perf.scale_bench --dry-run             # prints the commands, runs nothing
 
 1. Data-parallel throughput: the same variant (full-size SDXL architecture with random weights,
    no download; the sample dataset) on 1 GPU (`python -m sdxl_ablate`) and on 2 GPUs

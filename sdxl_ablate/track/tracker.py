@@ -22,7 +22,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
 
-from .config import TrackingConfig
+from sdxl_ablate.config import TrackingConfig
 
 log = logging.getLogger(__name__)
 

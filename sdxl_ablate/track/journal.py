@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import TrackingConfig
-from .tracking import Tracker, resolve_uri, status_tags
+from sdxl_ablate.config import TrackingConfig
+from sdxl_ablate.track.tracker import Tracker, resolve_uri, status_tags
 
 log = logging.getLogger(__name__)
 

@@ -32,9 +32,10 @@ import sys
 import time
 from pathlib import Path
 
-from .phases import PHASES_FILE
+from sdxl_ablate.config import REPO_ROOT
+from sdxl_ablate.run.phases import PHASES_FILE
 
-PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the checkout whose sdxl_ablate runs the study
+PACKAGE_ROOT = REPO_ROOT  # the checkout whose sdxl_ablate runs the study
 
 
 def study_command(study: str, overrides: list[str], sweep_dir: Path) -> list[str]:

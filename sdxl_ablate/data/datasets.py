@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from .config import Crop, DataConfig, DataSource, cache_root
+from sdxl_ablate.config import Crop, DataConfig, DataSource, cache_root
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Before a variant trains: skip it if it already finished, resume it if it was interrupted.
 
-Each training is identified by its `config_hash` (config.py) and owns a stable directory,
+Each training is identified by its `config_hash` (config/identity.py) and owns a stable directory,
 `<trainer.checkpoint_dir or <cwd>/checkpoints>/<study>/<config_hash>/`, which holds
 
 - `step-NNNNNNNN/`: its checkpoints (checkpoint.py),
@@ -37,10 +37,10 @@ from typing import Any, Callable
 
 from mlflow.tracking import MlflowClient
 
-from .checkpoint import (META, Checkpointer, NoCheckpoints, ConfigMismatch, atomic_write_json,
+from sdxl_ablate.train.checkpoint import (META, Checkpointer, NoCheckpoints, ConfigMismatch, atomic_write_json,
                          config_differences, latest_valid, list_checkpoints, verify)
-from .config import Config, config_hash, hashed_items
-from .tracking import resolve_uri
+from sdxl_ablate.config import Config, config_hash, hashed_items
+from sdxl_ablate.track.tracker import resolve_uri
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ def _connect(cfg: Config, chash: str) -> tuple[MlflowClient | None, str | None, 
 
 def _journal_kept(result: dict) -> bool:
     """Whether the finished run's tracking journal (records not yet in MLflow) still exists."""
-    from .journal import journal_path
+    from sdxl_ablate.track.journal import journal_path
 
     out = result.get("output_dir")
     return bool(out) and journal_path(out).is_file()

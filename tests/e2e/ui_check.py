@@ -1,9 +1,9 @@
 """`make ui-check`: the study in the real MLflow UI, seen by a headless browser.
 
-    python -m sdxl_ablate.ui_check --study NAME [--tracking-uri URI] [--out DIR] [--chromium PATH]
+    python -m tests.e2e.ui_check --study NAME [--tracking-uri URI] [--out DIR] [--chromium PATH]
 
 1. Reads the study's latest sweep from the store (as the report does) and checks that every
-   finished variant has its headline metrics (`ablation/*`, see sdxl_ablate/summary.py).
+   finished variant has its headline metrics (`ablation/*`, see sdxl_ablate/evaluate/headline.py).
 2. Starts `mlflow ui` on 127.0.0.1 on a free port over the same store and asks its REST API
    for the same runs and metrics: what the UI will show.
 3. Opens Debian's chromium headless (install: `apt-get update && apt-get install -y chromium`)
@@ -189,7 +189,7 @@ def expected_runs(uri: str, study: str) -> tuple[Expected, list[str]]:
     """The sweep's variant runs from the store, and the problems found there."""
     from mlflow.tracking import MlflowClient
 
-    from .report import ReportError, read_runs, select_runs
+    from sdxl_ablate.report.study import ReportError, read_runs, select_runs
 
     client = MlflowClient(uri)
     try:
@@ -460,10 +460,10 @@ class Browser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from .config import TrackingConfig
-    from .tracking import resolve_uri
+    from sdxl_ablate.config import TrackingConfig
+    from sdxl_ablate.track.tracker import resolve_uri
 
-    p = argparse.ArgumentParser(prog="python -m sdxl_ablate.ui_check", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tests.e2e.ui_check", description=__doc__.split("\n")[0])
     p.add_argument("--study", required=True)
     p.add_argument("--tracking-uri", default=None, help="default: sqlite:///<cwd>/mlflow.db")
     p.add_argument("--out", type=Path, default=None, help="screenshots folder (default: reports/<study>/ui)")

@@ -27,7 +27,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from .config import TrackingConfig, to_typed
+from sdxl_ablate.config import TrackingConfig, to_typed
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class SweepInfo:
         if self.parent_run_id and run_id:
             from mlflow.tracking import MlflowClient
 
-            from .tracking import resolve_uri
+            from sdxl_ablate.track.tracker import resolve_uri
 
             MlflowClient(resolve_uri(tracking)).set_tag(self.parent_run_id, f"{REUSED_TAG}{run_id}", run_name)
 
@@ -109,7 +109,7 @@ def tracking_of(config: DictConfig) -> tuple[TrackingConfig, str]:
 
 def launcher_needing_gpu(config: DictConfig) -> Optional[str]:
     """The sweep's launcher preset when it is one that gives every job a GPU (devices.py)."""
-    from .devices import GPU_LAUNCHERS
+    from sdxl_ablate.run.devices import GPU_LAUNCHERS
 
     choice = OmegaConf.select(config, "hydra.runtime.choices")
     name = None if choice is None else choice.get("hydra/launcher")
@@ -120,8 +120,8 @@ class SweepCallback(Callback):
     """Registered in conf/config.yaml (hydra.callbacks.sweep)."""
 
     def on_multirun_start(self, config: DictConfig, config_name: Optional[str] = None, **kwargs: Any) -> None:
-        from . import preflight
-        from .tracking import Tracker
+        from sdxl_ablate.run import preflight
+        from sdxl_ablate.track.tracker import Tracker
 
         cfgs, errors = compose_jobs(config, config_name or "config")
         n_jobs = len(cfgs) + len(errors)
@@ -146,7 +146,7 @@ class SweepCallback(Callback):
         global last_failed
         from mlflow.tracking import MlflowClient
 
-        from .tracking import resolve_uri
+        from sdxl_ablate.track.tracker import resolve_uri
 
         info = read_info(Path(str(config.hydra.sweep.dir)))
         if info.parent_run_id is None:

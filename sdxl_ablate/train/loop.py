@@ -24,18 +24,18 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import compute_snr
 from tqdm.auto import tqdm
 
-from . import distributed
-from .config import BaseWeights, Config, Optimizer, Precision
-from .data import ImageTransform, LoadedData, pick_caption
-from .checkpoint import Checkpointer
-from .lora import add_adapters, lora_modules
-from .memory import store_base_weights_fp8
-from .placement import place
-from .precompute import build_cache, encode_images, encode_prompts, prepare_example, sample_latents
+from sdxl_ablate.train import distributed
+from sdxl_ablate.config import BaseWeights, Config, Optimizer, Precision
+from sdxl_ablate.data.datasets import ImageTransform, LoadedData, pick_caption
+from sdxl_ablate.train.checkpoint import Checkpointer
+from sdxl_ablate.model.lora import add_adapters, lora_modules
+from sdxl_ablate.train.memory import store_base_weights_fp8
+from sdxl_ablate.model.placement import place
+from sdxl_ablate.model.precision import compute_dtype, vae_dtype
+from sdxl_ablate.data.precompute import build_cache, encode_images, encode_prompts, prepare_example, sample_latents
 
 log = logging.getLogger(__name__)
 
-DTYPES = {Precision.fp32: torch.float32, Precision.fp16: torch.float16, Precision.bf16: torch.bfloat16}
 
 
 @dataclass
@@ -71,7 +71,7 @@ class Hooks:
     """Where an observer (the benchmark) may look in without a copy of the loop: `loop_start`
     runs once the model and inputs are ready, just before the first step; `step(i)` is a
     context manager around optimizer step i (e.g. a profiler); `after_step(n)` runs after the
-    n-th finished optimizer step, once it is logged (e.g. sample images, sdxl_ablate.samples).
+    n-th finished optimizer step, once it is logged (e.g. sample images, sdxl_ablate.evaluate.samples).
     `label` names the variant on the progress bar (e.g. `[5/6] attn_dropout05`)."""
 
     loop_start: Callable[[], None] = lambda: None
@@ -167,12 +167,11 @@ def prepare_model(c, cfg: Config, device: torch.device) -> list[torch.nn.Paramet
     """Places the components, attaches the variant's adapters and applies the speed and memory
     switches of `cfg.trainer`; returns the trainable (LoRA) parameters."""
     t, lo = cfg.trainer, cfg.lora
-    dtype = DTYPES[t.precision]
+    dtype = compute_dtype(cfg)
     # Frozen weights in the compute dtype; the trainable LoRA weights stay fp32 (the optimizer
     # and the fp16 loss scaler need fp32 master weights).
     place(c.unet, device, dtype)
-    # fp32 VAE: the SDXL VAE overflows in fp16, unless it is an fp16-safe VAE.
-    place(c.vae, device, dtype if cfg.model.vae_fp16_safe else torch.float32)
+    place(c.vae, device, vae_dtype(cfg, dtype))
     place(c.text_encoder, device, dtype)
     place(c.text_encoder_2, device, dtype)
     params = add_adapters(c, lo)
@@ -409,7 +408,7 @@ def train(components, data: LoadedData, cfg: Config, device: torch.device,
     torch.manual_seed(t.seed)
     rng = random.Random(t.seed)
     generator = torch.Generator(device).manual_seed(t.seed)
-    dtype = DTYPES[t.precision]
+    dtype = compute_dtype(cfg)
     c = components
 
     # --- model: precision, placement, adapters, speed and memory switches --------------------

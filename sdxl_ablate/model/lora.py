@@ -5,7 +5,7 @@ peft adapter config stored as metadata, so `StableDiffusionXLPipeline.load_lora_
 restores rank, alpha and DoRA exactly; dropout is left out (a training setting), and
 text-encoder keys have one spelling whatever transformers version wrote them. `load_lora`
 checks, module by module, that every saved tensor arrived with its scale: a dropped key is an
-error, never a quiet partial (or base-model) run. The kohya-format export is export.py.
+error, never a quiet partial (or base-model) run. The kohya-format export is export/lora_export.py.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from peft.utils.other import get_pattern_key
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from .config import LoraConfig, Targets
-from .kohya import CLIP_ROOT, canonical_text_encoder_name
+from sdxl_ablate.config import LoraConfig, Targets
+from sdxl_ablate.model.kohya import CLIP_ROOT, canonical_text_encoder_name
 
 # UNet module names (peft matches a name or a dotted suffix) for each `lora.targets` value.
 UNET_TARGETS: dict[Targets, tuple[str, ...]] = {

@@ -22,8 +22,8 @@ import torch
 from filelock import FileLock
 from PIL import ImageOps
 
-from .config import Config, cache_root
-from .data import Example, ImageTransform
+from sdxl_ablate.config import Config, cache_root
+from sdxl_ablate.data.datasets import Example, ImageTransform
 
 log = logging.getLogger(__name__)
 

@@ -20,6 +20,41 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 
+
+__all__ = [
+    "ConfigError",
+    "ModelKind",
+    "DataSource",
+    "Crop",
+    "Targets",
+    "Precision",
+    "Optimizer",
+    "Schedule",
+    "BaseWeights",
+    "ModelConfig",
+    "DataConfig",
+    "LoraConfig",
+    "TrainerConfig",
+    "MemoryConfig",
+    "EvalConfig",
+    "TrackingConfig",
+    "Config",
+    "cross_field_problems",
+    "cache_root",
+    "hashed_items",
+    "config_hash",
+    "register_configs",
+    "to_typed",
+    "flatten",
+    "unused_keys",
+    "used_params",
+    "to_yaml",
+    "HASH_EXCLUDED_PREFIXES",
+    "HASH_EXCLUDED_KEYS",
+    "REPO_ROOT",
+    "CONF_DIR",
+]
+
 class ConfigError(ValueError):
     """A configuration that composes but cannot be run; lists every problem found."""
 
@@ -74,7 +109,7 @@ class BaseWeights(str, enum.Enum):
 
     compute = "compute"  # the compute dtype of trainer.precision
     # float8 (e4m3) storage with a scale per output channel, dequantized layer by layer for the
-    # compute-dtype matmul: half the memory of bf16 weights, no extra dependency (memory.py).
+    # compute-dtype matmul: half the memory of bf16 weights, no extra dependency (train/memory.py).
     fp8 = "fp8"
 
 
@@ -292,6 +327,12 @@ def cross_field_problems(cfg: Config) -> list[str]:
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         p.append(f"device={dev!r}: must be auto, cpu, cuda or cuda:N")
     return p
+
+
+# The checkout's Hydra config tree (conf/) and committed sweeps (sweeps/): the package is
+# installed editable from the checkout, and every composer of configs reads these.
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONF_DIR = REPO_ROOT / "conf"
 
 
 def cache_root() -> Path:

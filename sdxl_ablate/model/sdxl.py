@@ -35,7 +35,7 @@ from diffusers import (
 from huggingface_hub.errors import HFValidationError
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from .config import ModelConfig, ModelKind, cache_root
+from sdxl_ablate.config import ModelConfig, ModelKind, cache_root
 
 # --- stabilityai/stable-diffusion-xl-base-1.0: the published config.json values --------------
 

@@ -29,16 +29,17 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
-from .config import Config, Crop, EvalConfig
-from .data import Example, ImageTransform, LoadedData
-from .lora import load_lora, remove_adapters
-from .memory import dequantize_base_weights
-from .placement import place
-from .precompute import encode_images, encode_prompts, prepare_example
-from .train import DTYPES, target_for
+from sdxl_ablate.config import Config, Crop, EvalConfig
+from sdxl_ablate.data.datasets import Example, ImageTransform, LoadedData
+from sdxl_ablate.model.lora import load_lora, remove_adapters
+from sdxl_ablate.train.memory import dequantize_base_weights
+from sdxl_ablate.model.placement import place
+from sdxl_ablate.data.precompute import encode_images, encode_prompts, prepare_example
+from sdxl_ablate.model.precision import compute_dtype, vae_dtype
+from sdxl_ablate.train.loop import target_for
 
 if TYPE_CHECKING:  # an annotation only: evaluation itself needs no MLflow
-    from .tracking import Tracker
+    from sdxl_ablate.track.tracker import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +169,7 @@ def heldout_loss(components, hs: HeldoutSet, cfg: Config, device: torch.device) 
     stands (with or without adapters), in the training precision. Its mean is the metric; the
     pairs are kept so the LoRA can be compared with the base pair by pair (`heldout_delta`)."""
     c = components
-    dtype = DTYPES[cfg.trainer.precision]
+    dtype = compute_dtype(cfg)
     for module in (c.unet, c.text_encoder, c.text_encoder_2):
         module.to(device).eval()  # eval: no LoRA dropout; the frozen encoders may sit on the CPU
     n, t = hs.noise.shape[:2]
@@ -203,7 +204,7 @@ def heldout_delta(lora: torch.Tensor, base: torch.Tensor) -> dict[str, float]:
 
 
 def inference_dtype(cfg: Config, device: torch.device) -> torch.dtype:
-    return torch.float32 if device.type == "cpu" else DTYPES[cfg.trainer.precision]
+    return torch.float32 if device.type == "cpu" else compute_dtype(cfg)
 
 
 def inference_pipeline(components, cfg: Config, device: torch.device):
@@ -215,7 +216,7 @@ def inference_pipeline(components, cfg: Config, device: torch.device):
     # round its weights.
     for module in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2):
         place(module, device, dtype).eval()
-    place(pipe.vae, device, dtype if cfg.model.vae_fp16_safe else torch.float32).eval()
+    place(pipe.vae, device, vae_dtype(cfg, dtype)).eval()
     pipe.vae.enable_slicing()
     if cfg.eval.vae_tiling:
         pipe.vae.enable_tiling()
@@ -440,29 +441,3 @@ def evaluate(components, lora_file: Path, data: LoadedData, cfg: Config, device:
     tracker.log_metrics(metrics)
     log.info("eval: %s", ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     return metrics
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m sdxl_ablate.evaluate --run-id ID [eval=tiny] [eval.steps=10]`: evaluate a
-    finished variant again (e.g. after its evaluation failed), into the same MLflow run."""
-    import argparse
-
-    from .config import TrackingConfig
-    from .runner import reevaluate
-
-    parser = argparse.ArgumentParser(prog="python -m sdxl_ablate.evaluate", description=main.__doc__)
-    parser.add_argument("--run-id", required=True, help="the variant's MLflow run id")
-    parser.add_argument("--tracking-uri", default=None, help="default: sqlite:///<cwd>/mlflow.db")
-    parser.add_argument("--device", default=None, help="default: the run's recorded device setting")
-    parser.add_argument("overrides", nargs="*", help="eval=NAME or eval.KEY=VALUE")
-    args = parser.parse_args(argv)
-    metrics = reevaluate(args.run_id, TrackingConfig(uri=args.tracking_uri), args.overrides, args.device)
-    if not metrics:
-        print(f"evaluation of run {args.run_id} failed: see its eval_error tag and eval_error.txt")
-        return 1
-    print("\n".join(f"{k} = {v:.4f}" for k, v in metrics.items()))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

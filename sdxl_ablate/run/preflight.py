@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional
 from urllib.parse import urlparse
 
-from .config import Config, DataSource, ModelKind
+from sdxl_ablate.config import Config, DataSource, ModelKind
 
 OFFLINE_MODEL = "offline, use model=tiny or model=sdxl_random, or a local diffusers directory as model.pretrained=DIR"
 OFFLINE_DATA = "offline, use data=sample, or data=folder data.path=DIR"
@@ -83,7 +83,7 @@ def model_problems(cfg: Config) -> list[str]:
         return []
     from huggingface_hub import HfApi
 
-    from .models import _ACCEPTED_MODEL, _ACCEPTED_VAE, _SUBFOLDERS, ModelLoadError, _locate
+    from sdxl_ablate.model.sdxl import _ACCEPTED_MODEL, _ACCEPTED_VAE, _SUBFOLDERS, ModelLoadError, _locate
 
     out = []
     sources = [("model.pretrained", m.pretrained, tuple(s for s in _SUBFOLDERS if not (s == "vae" and m.vae)),
@@ -109,7 +109,7 @@ def data_problems(cfg: Config) -> list[str]:
     d = cfg.data
     if d.source == DataSource.sample:
         return []
-    from .data import DataError, check_folder
+    from sdxl_ablate.data.datasets import DataError, check_folder
 
     if d.source == DataSource.folder:
         try:
@@ -181,7 +181,7 @@ def device_problems(cfg: Config) -> list[str]:
 def tracking_problems(cfg: Config) -> list[str]:
     from mlflow.tracking import MlflowClient
 
-    from .tracking import resolve_uri
+    from sdxl_ablate.track.tracker import resolve_uri
 
     uri = resolve_uri(cfg.tracking)
     out = []

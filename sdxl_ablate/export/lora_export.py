@@ -32,9 +32,10 @@ from typing import Optional
 import torch
 from safetensors.torch import save_file
 
-from .config import TrackingConfig
-from .kohya import NamingError, canonical_text_encoder_name, sgm_block_map, text_encoder_key, unet_key
-from .lora import (
+from sdxl_ablate.config import TrackingConfig
+from sdxl_ablate.model.precision import DTYPES, dtype_of
+from sdxl_ablate.model.kohya import NamingError, canonical_text_encoder_name, sgm_block_map, text_encoder_key, unet_key
+from sdxl_ablate.model.lora import (
     LORA_FILE,
     TEXT_ENCODERS,
     LoraLoadError,
@@ -46,7 +47,6 @@ from .lora import (
 )
 
 FORMATS = ("kohya", "diffusers")
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 LORA_ARTIFACT = f"lora/{LORA_FILE}"
 
 # What the tools do with a DoRA file (read from their loaders, 2026-11). Printed by the CLI
@@ -82,7 +82,7 @@ class KohyaModule:
 
 def _unet_block_map() -> dict[str, str]:
     """The diffusers -> original block map of the SDXL-base UNet (config only, nothing built)."""
-    from .models import SDXL_UNET_CONFIG
+    from sdxl_ablate.model.sdxl import SDXL_UNET_CONFIG
 
     return sgm_block_map(SDXL_UNET_CONFIG)
 
@@ -285,7 +285,7 @@ def _from_run(run_id: str, tracking_uri: str, workdir: Path) -> _Source:
     res = run.data.params.get("data.resolution")
     unet_config = None
     if run.data.params.get("model.kind") == "tiny":  # the test model: its own block layout
-        from .models import build_unet
+        from sdxl_ablate.model.sdxl import build_unet
 
         unet_config = dict(build_unet("tiny", "meta").config)
     return _Source(path, run.info.run_name or run_id, int(res) if res and res.isdigit() else None,
@@ -304,7 +304,7 @@ def _resolve(source: str, tracking_uri: str, workdir: Path) -> _Source:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from .tracking import resolve_uri
+    from sdxl_ablate.track.tracker import resolve_uri
 
     parser = argparse.ArgumentParser(
         prog="python -m sdxl_ablate.export",
@@ -325,7 +325,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             src = _resolve(args.source, args.tracking_uri, Path(tmp))
-            dtype = DTYPES[args.dtype]
+            dtype = dtype_of(args.dtype)
             if args.format == "kohya":
                 write_kohya(src.lora_file, out, args.title or src.title, dtype, src.resolution, src.description,
                             src.unet_config)
@@ -339,7 +339,3 @@ def main(argv: Optional[list[str]] = None) -> int:
     if dora and args.format == "kohya":
         print(DORA_NOTE)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

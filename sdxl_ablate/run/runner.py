@@ -19,25 +19,25 @@ from typing import Optional
 
 import torch
 
-from . import distributed
-from .config import Config, to_yaml, used_params
-from .data import load_data
-from .devices import acquire_device, gpu_required_by_launcher
-from .export import log_kohya
-from .lora import lora_b_all_zero, save_lora
-from .basecache import acquire, last_use, release
-from .journal import JournalingTracker
-from .memory import MemoryGuard, configure_allocator, is_oom
-from .models import load_components
-from .phases import Phases
-from .placement import place
-from .pickup import Plan, VariantBusy, data_parallel_plan, plan_variant
-from .progress import job_label
-from .samples import training_hooks
-from .summary import log_summary
-from .sweep import SweepInfo, new_sweep_id
-from .tracking import Tracker
-from .train import train
+from sdxl_ablate.train import distributed
+from sdxl_ablate.config import CONF_DIR, Config, to_yaml, used_params
+from sdxl_ablate.data.datasets import load_data
+from sdxl_ablate.run.devices import acquire_device, gpu_required_by_launcher
+from sdxl_ablate.export.lora_export import log_kohya
+from sdxl_ablate.model.lora import lora_b_all_zero, save_lora
+from sdxl_ablate.model.basecache import acquire, last_use, release
+from sdxl_ablate.track.journal import JournalingTracker
+from sdxl_ablate.train.memory import MemoryGuard, configure_allocator, is_oom
+from sdxl_ablate.model.sdxl import load_components
+from sdxl_ablate.run.phases import Phases
+from sdxl_ablate.model.placement import place
+from sdxl_ablate.run.pickup import Plan, VariantBusy, data_parallel_plan, plan_variant
+from sdxl_ablate.run.progress import job_label
+from sdxl_ablate.evaluate.samples import training_hooks
+from sdxl_ablate.evaluate.headline import log_summary
+from sdxl_ablate.run.sweep import SweepInfo, new_sweep_id
+from sdxl_ablate.track.tracker import Tracker
+from sdxl_ablate.train.loop import train
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ def evaluate_variant(components, lora_file: Path, data, cfg: Config, device: tor
                      output_dir: Path, label: str = "") -> dict[str, float]:
     """The evaluation as an outcome of its own: a failure is recorded (`eval_status=failed`,
     `eval_error`, `eval_error.txt`) and leaves the trained variant's status and LoRA as they are."""
-    from .evaluate import evaluate
+    from sdxl_ablate.evaluate.scores import evaluate
 
     try:
         metrics = evaluate(components, lora_file, data, cfg, device, tracker, output_dir / "eval", label=label)
@@ -256,9 +256,9 @@ def reevaluate(run_id: str, tracking, eval_overrides: list[str], device_name: Op
 
     from omegaconf import OmegaConf
 
-    from .config import Config, to_typed
-    from .lora import load_lora
-    from .train import DTYPES
+    from sdxl_ablate.config import Config, to_typed
+    from sdxl_ablate.model.lora import load_lora
+    from sdxl_ablate.train.loop import DTYPES
 
     with Tracker(tracking, "", "", run_id=run_id) as tracker:
         run = tracker.client.get_run(run_id)
@@ -289,7 +289,7 @@ def eval_group_overrides(overrides: list[str]):
     """`eval=NAME` (a conf/eval file) and `eval.key=value` items -> one config to merge."""
     from omegaconf import OmegaConf
 
-    conf = Path(__file__).resolve().parents[1] / "conf" / "eval"
+    conf = CONF_DIR / "eval"
     merged = OmegaConf.create({})
     for item in overrides:
         key, sep, value = item.partition("=")

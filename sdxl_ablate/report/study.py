@@ -47,8 +47,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from PIL import Image, ImageDraw, ImageFont
 
-from .progress import short_name, without_seed
-from .summary import peak_memory
+from sdxl_ablate.run.progress import short_name, without_seed
+from sdxl_ablate.evaluate.headline import peak_memory
 
 AXES = ("lora.targets", "lora.text_encoder", "lora.use_dora", "lora.dropout", "trainer.precision",
         "trainer.optimizer", "data.resolution")
@@ -843,8 +843,8 @@ def write_report(study: str, runs: list[RunRecord], sweep_ids: list[str], out: P
 
 def log_report(uri: str, study: str, files: list[Path], sweep_ids: list[str], params: dict[str, Any]) -> str:
     """A run `report <sweep>` tagged kind=report (not a variant) with the report's files."""
-    from .config import TrackingConfig
-    from .tracking import Tracker
+    from sdxl_ablate.config import TrackingConfig
+    from sdxl_ablate.track.tracker import Tracker
 
     name = "report " + (sweep_ids[0] if len(sweep_ids) == 1 else "all sweeps")
     tags = {"kind": "report", "sweep_id": ",".join(sweep_ids)}
@@ -874,8 +874,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> int:
     from mlflow.tracking import MlflowClient
 
-    from .config import TrackingConfig
-    from .tracking import resolve_uri
+    from sdxl_ablate.config import TrackingConfig
+    from sdxl_ablate.track.tracker import resolve_uri
 
     # MLflow's own switch: no progress bar for each of the many small downloads below.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -899,7 +899,3 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"\nReport: {(out / 'ablation.md').resolve()} (plots and image grids beside it)\n"
           f"Runs: MLflow experiment '{args.study}' at {uri} (make mlflow-ui to browse)")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

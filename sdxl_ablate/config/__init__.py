@@ -1,0 +1,3 @@
+"""The configuration: the typed schema (schema.py) and what identifies a variant (identity.py)."""
+
+from sdxl_ablate.config.schema import *  # noqa: F401,F403  (the schema's public names, __all__)
