@@ -258,7 +258,7 @@ def reevaluate(run_id: str, tracking, eval_overrides: list[str], device_name: Op
 
     from sdxl_ablate.config import Config, to_typed
     from sdxl_ablate.model.lora import load_lora
-    from sdxl_ablate.train.loop import DTYPES
+    from sdxl_ablate.model.precision import compute_dtype
 
     with Tracker(tracking, "", "", run_id=run_id) as tracker:
         run = tracker.client.get_run(run_id)
@@ -272,7 +272,7 @@ def reevaluate(run_id: str, tracking, eval_overrides: list[str], device_name: Op
             device = held.enter_context(acquire_device(device_name or cfg.device)).device  # as in training
             data = load_data(cfg.data)
             components = load_components(cfg.model)
-            dtype = DTYPES[cfg.trainer.precision]
+            dtype = compute_dtype(cfg)
             for module in (components.unet, components.text_encoder, components.text_encoder_2):
                 place(module, device, dtype)  # as after training: frozen weights in the compute dtype
             load_lora(components.pipeline(), lora_file)
