@@ -20,14 +20,13 @@ from sdxl_ablate.evaluate.scores import (
     clip_scores,
     evaluate,
     generate,
-    grid_layout,
     inference_pipeline,
     load_clip,
-    make_grid,
     style_score,
     text_score,
     tiny_clip,
 )
+from sdxl_ablate.evaluate.grid import grid_layout, make_grid, render_grid
 from sdxl_ablate.model.lora import add_adapters, load_lora, remove_adapters, save_lora
 from sdxl_ablate.train.memory import dequantize_base_weights, store_base_weights_fp8
 from sdxl_ablate.model.sdxl import build_tiny
@@ -108,6 +107,27 @@ def test_grid_needs_one_image_per_label_and_one_size():
         make_grid([solid("red")], [solid("red")], ["a", "b"])
     with pytest.raises(ValueError, match="one size"):
         make_grid([solid("red")], [solid("red", (32, 32))], ["a"])
+
+
+def test_the_report_grid_enlarges_small_tiles_and_places_captions_under_them():
+    """The report's per-prompt grid goes through the same renderer: 3 rows of 2 columns, 32 px
+    tiles shown 4x (128 px, nearest neighbour), a caption band under each tile, a 2-line title."""
+    rows = [(f"variant {i}\nseed=0", [solid((40 * i, 0, 0), (32, 32)), solid((0, 40 * i, 0), (32, 32))])
+            for i in range(3)]
+    grid = render_grid(rows, ["seed 0", "seed 1"], captions=[["style 0.1", "style 0.2"]] * 3,
+                       title=['"a prompt"', "columns: evaluation seed"], min_tile=128)
+    layout = grid_layout((128, 128), 2, rows=3, captions=True, title_lines=2)
+    assert grid.size[1] == layout.size[1] and grid.size[0] >= layout.size[0] - layout.label_w
+    x0 = grid.size[0] - 2 * (128 + layout.gap)  # the label column is as wide as the widest row label
+    for row, (_, images) in enumerate(rows):
+        for col, im in enumerate(images):
+            x, y = x0 + col * (128 + layout.gap), layout.title_h + layout.header_h + row * (128 + layout.caption_h + layout.gap)
+            for dx, dy in ((0, 0), (127, 127), (64, 64)):
+                assert grid.getpixel((x + dx, y + dy)) == im.getpixel((0, 0))
+            band = np.asarray(grid)[y + 128 + 1: y + 128 + layout.caption_h, x: x + 128]
+            assert (band < 200).any(), "no caption under the tile"
+    with pytest.raises(ValueError, match="as many images in each row"):
+        render_grid([("a", [solid("red")])], ["seed 0", "seed 1"])
 
 
 # --------------------------------------------------------------------------- CLIP

@@ -12,6 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from sdxl_ablate.evaluate.grid import grid_layout
 from sdxl_ablate.report.study import (ReportError, RunRecord, Stat, analyse, main, pareto_set, select_runs, table_rows,
                                 verdict, within_noise, SCORES)
 
@@ -210,8 +211,10 @@ def test_report_of_the_latest_sweep(study, tmp_path, capsys):
     grids = sorted(out.glob("grid_*.png"))
     assert [g.name for g in grids] == ["grid_1_a_cat.png", "grid_2_a_dog.png"]
     grid = Image.open(grids[0]).convert("RGB")
-    # base + all + attn rows, 2 seed columns of 64 px tiles shown at 256 px (4x, nearest).
-    assert grid.size[0] >= 220 + 2 * 256 and grid.size[1] >= 84 + 3 * 256
+    # base + all + attn rows, 2 seed columns of 64 px tiles shown at 256 px (4x, nearest), with a
+    # label column, a title, a header and a caption under each tile (evaluate/grid.py's layout).
+    layout = grid_layout((256, 256), 2, rows=3, captions=True, title_lines=2)
+    assert grid.size[1] == layout.size[1] and grid.size[0] >= layout.size[0]
     import numpy as np
 
     blue = int((np.asarray(grid) == (0, 0, 255)).all(axis=-1).sum())

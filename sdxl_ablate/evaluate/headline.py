@@ -44,6 +44,15 @@ _COPIED = {
 
 
 
+def lift(metrics: Mapping[str, float], key: str) -> float | None:
+    """How far the LoRA moved a score from the base model's: `metrics[key] - metrics[key + "_base"]`
+    (e.g. eval/clip_style - eval/clip_style_base); None when either is missing. Evaluation,
+    the headline metrics and the report all take a lift from here."""
+    if key in metrics and f"{key}_base" in metrics:
+        return metrics[key] - metrics[f"{key}_base"]
+    return None
+
+
 def peak_memory(metrics: Mapping[str, float]) -> tuple[float | None, str]:
     """(GiB, kind) of the training peak: CUDA reserved where measured, else the CPU resident set."""
     if "memory/peak_reserved_gib" in metrics:
@@ -58,8 +67,8 @@ def summary_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
     m = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
     out = {PREFIX + name: m[src] for name, src in _COPIED.items() if src in m}
     for score in ("clip_style", "clip_text"):
-        if f"eval/{score}" in m and f"eval/{score}_base" in m:
-            out[f"{PREFIX}{score}_lift"] = m[f"eval/{score}"] - m[f"eval/{score}_base"]
+        if (value := lift(m, f"eval/{score}")) is not None:
+            out[f"{PREFIX}{score}_lift"] = value
     if "eval/heldout_loss" in m and "eval/heldout_loss_base" in m:
         out[PREFIX + "heldout_loss_drop"] = m["eval/heldout_loss_base"] - m["eval/heldout_loss"]
     memory, kind = peak_memory(m)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from tqdm.auto import tqdm
 
 from sdxl_ablate.config import Config, Crop, EvalConfig
@@ -37,6 +37,8 @@ from sdxl_ablate.model.placement import place
 from sdxl_ablate.data.precompute import encode_images, encode_prompts, prepare_example
 from sdxl_ablate.model.precision import compute_dtype, vae_dtype
 from sdxl_ablate.train.loop import target_for
+from sdxl_ablate.evaluate.grid import make_grid
+from sdxl_ablate.evaluate.headline import lift
 
 if TYPE_CHECKING:  # an annotation only: evaluation itself needs no MLflow
     from sdxl_ablate.track.tracker import Tracker
@@ -255,90 +257,6 @@ def generate(pipe, jobs: list[tuple[str, int]], ev: EvalConfig, resolution: int,
     return images
 
 
-# --------------------------------------------------------------------------- grid
-
-
-@dataclass(frozen=True)
-class GridLayout:
-    """A labelled grid: a header band of column labels, a column of row labels, then
-    2 rows x n columns of tiles, `gap` pixels after each tile."""
-
-    tile: tuple[int, int]  # (width, height)
-    n: int
-    font_size: int
-    label_w: int
-    header_h: int
-    gap: int
-
-    @property
-    def size(self) -> tuple[int, int]:
-        w, h = self.tile
-        return self.label_w + self.n * (w + self.gap), self.header_h + 2 * (h + self.gap)
-
-    def tile_origin(self, row: int, col: int) -> tuple[int, int]:
-        w, h = self.tile
-        return self.label_w + col * (w + self.gap), self.header_h + row * (h + self.gap)
-
-
-HEADER_LINES = 3  # column labels are wrapped to at most this many lines
-
-
-def grid_layout(tile: tuple[int, int], n: int) -> GridLayout:
-    # The font grows with the tile, so labels stay legible on 1024 px images.
-    font_size = max(10, tile[0] // 16)
-    line_h = font_size + font_size // 4
-    gap = font_size // 2
-    return GridLayout(tile, n, font_size, label_w=4 * font_size, header_h=HEADER_LINES * line_h + gap, gap=gap)
-
-
-def wrap_label(text: str, font, width: int, max_lines: int) -> list[str]:
-    """Words wrapped to `width` pixels; what does not fit in `max_lines` lines ends in '...'."""
-    lines, line = [], ""
-    for word in text.split():
-        candidate = f"{line} {word}".strip()
-        if line and font.getlength(candidate) > width:
-            lines.append(line)
-            candidate = word
-        line = candidate
-    lines.append(line)
-    if len(lines) > max_lines:
-        lines = lines[:max_lines]
-        lines[-1] += "..."
-    return [_fit(line, font, width) for line in lines]
-
-
-def _fit(line: str, font, width: int) -> str:
-    while font.getlength(line) > width and len(line) > 3:
-        line = line[:-4] + "..."
-    return line
-
-
-def make_grid(base: list[Image.Image], lora: list[Image.Image], labels: list[str]) -> Image.Image:
-    """Row 1 the base model's images, row 2 the LoRA's, one column per label, on white with
-    black labels in PIL's default font. All images must have the same size."""
-    if not (len(base) == len(lora) == len(labels)) or not base:
-        raise ValueError(f"make_grid needs as many base ({len(base)}) as LoRA ({len(lora)}) images as labels "
-                         f"({len(labels)}), at least one")
-    sizes = {im.size for im in base + lora}
-    if len(sizes) != 1:
-        raise ValueError(f"make_grid needs images of one size, got {sorted(sizes)}")
-    layout = grid_layout(base[0].size, len(labels))
-    grid = Image.new("RGB", layout.size, "white")
-    draw = ImageDraw.Draw(grid)
-    font = ImageFont.load_default(size=layout.font_size)
-    line_h = (layout.header_h - layout.gap) // HEADER_LINES
-    for col, label in enumerate(labels):
-        x, _ = layout.tile_origin(0, col)
-        for k, line in enumerate(wrap_label(label, font, layout.tile[0], HEADER_LINES)):
-            draw.text((x, k * line_h), line, fill="black", font=font)
-    for row, (name, images) in enumerate((("base", base), ("LoRA", lora))):
-        _, y = layout.tile_origin(row, 0)
-        draw.text((layout.gap, y + layout.tile[1] // 2), name, fill="black", font=font, anchor="lm")
-        for col, im in enumerate(images):
-            grid.paste(im.convert("RGB"), layout.tile_origin(row, col))
-    return grid
-
-
 # --------------------------------------------------------------------------- evaluate
 
 
@@ -363,8 +281,8 @@ def clip_scores(clip: Clip, jobs: list[tuple[str, int]], base: list[Image.Image]
             per_image[f"clip_style{suffix}"] = style_score(emb, ref_emb).tolist()
     metrics = {f"eval/{k}": sum(v) / len(v) for k, v in per_image.items()}
     for score in ("clip_style", "clip_text"):
-        if f"eval/{score}" in metrics:
-            metrics[f"eval/{score}_lift"] = metrics[f"eval/{score}"] - metrics[f"eval/{score}_base"]
+        if (value := lift(metrics, f"eval/{score}")) is not None:
+            metrics[f"eval/{score}_lift"] = value
     return metrics, per_image
 
 

@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 
 from sdxl_ablate.config import TrackingConfig
 from sdxl_ablate.model.precision import DTYPES, dtype_of
-from sdxl_ablate.model.kohya import NamingError, canonical_text_encoder_name, sgm_block_map, text_encoder_key, unet_key
+from sdxl_ablate.model.kohya import NamingError, sgm_block_map, text_encoder_key, unet_key
 from sdxl_ablate.model.lora import (
     LORA_FILE,
     TEXT_ENCODERS,
@@ -44,6 +44,7 @@ from sdxl_ablate.model.lora import (
     saved_configs,
     saved_state,
     split_key,
+    write_lora_file,
 )
 
 FORMATS = ("kohya", "diffusers")
@@ -209,25 +210,13 @@ def write_kohya(lora_file: str | Path, out: str | Path, title: str, dtype: torch
 
 def write_diffusers(lora_file: str | Path, out: str | Path, dtype: torch.dtype = torch.float16) -> Path:
     """The diffusers file, re-saved in `dtype` with canonical text-encoder keys and no dropout."""
-    from diffusers import StableDiffusionXLPipeline
-
     state, configs = saved_state(lora_file), saved_configs(lora_file)
-    kwargs = {}
-    for component, comp_state in state.items():
+    for component in state:
         if component not in configs:
             raise ExportError(f"the LoRA file has no adapter config for {component}; expected a file saved "
                               "by sdxl_ablate or diffusers with its adapter metadata")
-        tensors = {k: v.to(dtype).contiguous() for k, v in comp_state.items()}
-        if component in TEXT_ENCODERS:
-            # As lora.save_lora writes them: canonical paths, magnitudes under ".weight".
-            tensors = {canonical_text_encoder_name(k) + (".weight" if k.endswith("lora_magnitude_vector") else ""): v
-                       for k, v in tensors.items()}
-        kwargs[f"{component}_lora_layers"] = tensors
-        kwargs[f"{component}_lora_adapter_metadata"] = inference_adapter_config(configs[component])
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    StableDiffusionXLPipeline.save_lora_weights(out.parent, weight_name=out.name, **kwargs)
-    return out
+    return write_lora_file(Path(out), {c: {k: v.to(dtype).contiguous() for k, v in s.items()} for c, s in state.items()},
+                           {c: inference_adapter_config(configs[c]) for c in state})
 
 
 def kohya_filename(run_name: str) -> str:

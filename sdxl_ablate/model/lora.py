@@ -94,24 +94,32 @@ def inference_adapter_config(config: PeftLoraConfig | dict) -> dict:
 
 def save_lora(components, out_dir: str | Path) -> Path:
     """Writes the adapters as one diffusers LoRA file with their configs as metadata."""
+    modules = lora_modules(components)
+    # LoRA weights are saved in fp32 whatever the training precision, for exact reloads.
+    states = {name: {k: v.detach().to("cpu", torch.float32).contiguous()
+                     for k, v in get_peft_model_state_dict(module).items()} for name, module in modules.items()}
+    configs = {name: inference_adapter_config(module.peft_config["default"]) for name, module in modules.items()}
+    return write_lora_file(Path(out_dir) / LORA_FILE, states, configs)
+
+
+def write_lora_file(path: Path, states: dict[str, dict[str, torch.Tensor]], configs: dict[str, dict]) -> Path:
+    """One diffusers LoRA file of {component: peft state} with each component's adapter config
+    as metadata. Text-encoder keys get their one canonical spelling here, for training's file
+    and the export's alike: the `text_model.` level whatever transformers built (5.x's
+    CLIPTextModel has none), and DoRA magnitudes under ".weight" (transformers' LoRA loader maps
+    a magnitude only under that name; under peft's bare name it keeps the fresh one and merely warns)."""
     from diffusers import StableDiffusionXLPipeline
 
-    modules = lora_modules(components)
     kwargs = {}
-    for name, module in modules.items():
-        # LoRA weights are saved in fp32 whatever the training precision, for exact reloads.
-        state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in get_peft_model_state_dict(module).items()}
-        if name in TEXT_ENCODERS:
-            # transformers' LoRA loader maps a DoRA magnitude only under its ".weight" name;
-            # under peft's bare name it keeps the fresh magnitude and merely warns.
-            state = {k + ".weight" if k.endswith(_MAGNITUDE) else k: v for k, v in state.items()}
-            # One spelling whatever transformers built (5.x's CLIPTextModel has no text_model level).
-            state = {canonical_text_encoder_name(k): v for k, v in state.items()}
-        kwargs[f"{name}_lora_layers"] = state
-        kwargs[f"{name}_lora_adapter_metadata"] = inference_adapter_config(module.peft_config["default"])
-    out_dir = Path(out_dir)
-    StableDiffusionXLPipeline.save_lora_weights(out_dir, weight_name=LORA_FILE, **kwargs)
-    return out_dir / LORA_FILE
+    for component, state in states.items():
+        if component in TEXT_ENCODERS:
+            state = {canonical_text_encoder_name(k) + (".weight" if k.endswith(_MAGNITUDE) else ""): v
+                     for k, v in state.items()}
+        kwargs[f"{component}_lora_layers"] = state
+        kwargs[f"{component}_lora_adapter_metadata"] = configs[component]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    StableDiffusionXLPipeline.save_lora_weights(path.parent, weight_name=path.name, **kwargs)
+    return path
 
 
 def saved_state(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:

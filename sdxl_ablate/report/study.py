@@ -45,10 +45,11 @@ from typing import Any, Optional
 
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from sdxl_ablate.run.progress import short_name, without_seed
-from sdxl_ablate.evaluate.headline import peak_memory
+from sdxl_ablate.evaluate.headline import lift, peak_memory
+from sdxl_ablate.evaluate.grid import render_grid
 
 AXES = ("lora.targets", "lora.text_encoder", "lora.use_dora", "lora.dropout", "trainer.precision",
         "trainer.optimizer", "data.resolution")
@@ -387,11 +388,12 @@ def fmt_stat(s: Optional[Stat], digits: int = 4) -> str:
     return fmt(s.mean, digits) + (f" ± {s.std:.{digits}f}" if s.std is not None else "")
 
 
-def lift(a: Analysis, v: Variant) -> Optional[float]:
+def variant_lift(a: Analysis, v: Variant) -> Optional[float]:
+    """The variant's mean score against the base model's (evaluate/headline.py's `lift`)."""
     s = v.stat(a.score.metric)
-    if s is None or a.score.base_metric not in a.base:
+    if s is None or a.score.base_metric != f"{a.score.metric}_base" or a.score.base_metric not in a.base:
         return None
-    return s.mean - a.base[a.score.base_metric].mean
+    return lift({a.score.metric: s.mean, a.score.base_metric: a.base[a.score.base_metric].mean}, a.score.metric)
 
 
 def why_failed(r: RunRecord) -> str:
@@ -446,7 +448,7 @@ def table_rows(a: Analysis) -> list[list[str]]:
         rows.append([
             v.name, differs(a, v), ",".join(map(str, seeds)) if seeds else str(len(v.runs)),
             fmt_stat(stat(a.score.metric)) if a.score.metric != "eval/clip_text" else fmt_stat(stat(a.score.metric)),
-            fmt(lift(a, v), sign=True),
+            fmt(variant_lift(a, v), sign=True),
             fmt_stat(stat("eval/clip_text")), fmt_stat(stat("eval/heldout_loss")), fmt_stat(stat("train/final_loss")),
             fmt_stat(stat("peak_memory_gib"), 2), fmt_stat(stat("perf/images_per_s"), 2),
             f"{params.mean:,.0f}" if params else "", "; ".join(notes(a, v)),
@@ -688,42 +690,15 @@ def plot_loss_curves(a: Analysis, path: Path) -> None:
 MIN_TILE = 256
 
 
-def _font(size: int):
-    return ImageFont.load_default(size=size)
-
-
 def prompt_grid(prompt: str, seeds: list[int], rows: list[tuple[str, list[Image.Image], list[str]]]) -> Image.Image:
-    """One prompt: a column per evaluation seed, a row per model (label, images, captions).
-    Tiles smaller than MIN_TILE px are enlarged by an integer factor with NEAREST (every
-    generated pixel a visible block, nothing invented); the title says so."""
+    """One prompt: a column per evaluation seed, a row per model (label, images, captions);
+    small tiles are shown enlarged (evaluate/grid.py), and the title says so."""
     w, h = rows[0][1][0].size
     factor = max(1, math.ceil(MIN_TILE / max(w, h)))
-    tw, th = w * factor, h * factor
-    font, small, title_font = _font(18), _font(14), _font(22)
-    label_w, title_h, caption_h, gap = 220, 84, 20, 8
     note = "columns: evaluation seed" + (f"; {w}x{h} px images shown {factor}x larger (nearest neighbour)"
                                          if factor > 1 else "")
-    text_w = max(title_font.getlength(f'"{prompt}"'), small.getlength(note)) + 2 * gap
-    width = max(label_w + len(seeds) * (tw + gap), int(text_w))
-    height = title_h + len(rows) * (th + caption_h + gap)
-    out = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(out)
-    draw.text((gap, 8), f'"{prompt}"', fill="black", font=title_font)
-    draw.text((gap, 38), note, fill="dimgray", font=small)
-    for j, seed in enumerate(seeds):
-        draw.text((label_w + j * (tw + gap) + tw // 2, title_h - 4), f"seed {seed}", fill="black", font=small,
-                  anchor="mb")
-    for i, (label, images, captions) in enumerate(rows):
-        y = title_h + i * (th + caption_h + gap)
-        lines = label.split("\n")
-        for k, line in enumerate(lines):
-            draw.text((gap, y + th // 2 + (k - (len(lines) - 1) / 2) * 22), line, fill="black",
-                      font=font if k == 0 else small, anchor="lm")
-        for j, (im, caption) in enumerate(zip(images, captions)):
-            x = label_w + j * (tw + gap)
-            out.paste(im.convert("RGB").resize((tw, th), Image.NEAREST), (x, y))
-            draw.text((x, y + th + 2), caption, fill="dimgray", font=small)
-    return out
+    return render_grid([(label, images) for label, images, _ in rows], [f"seed {s}" for s in seeds],
+                       captions=[caps for _, _, caps in rows], title=[f'"{prompt}"', note], min_tile=MIN_TILE)
 
 
 def prompt_grids(a: Analysis) -> list[tuple[str, Image.Image]]:
