@@ -152,7 +152,7 @@ def run_planned(cfg: Config, run_name: str, output_dir: Path, plan: Plan, sweep:
                                hooks=replace(hooks, loop_start=training_starts), checkpointer=checkpointer)
             phases.split_training(result)
             if checkpointer.failures:
-                tracker.set_tags({"checkpoint.errors": " | ".join(checkpointer.failures)[:5000]})
+                tracker.set_tags({"checkpoint.errors": " | ".join(checkpointer.failures)})
             peak = memory_stats()
             fits = guard.fits(peak, precompute_peak)
             tracker.log_metrics({
@@ -223,7 +223,7 @@ def evaluate_variant(components, lora_file: Path, data, cfg: Config, device: tor
     except Exception as err:  # noqa: BLE001 - evaluation must not undo a finished training
         if is_oom(err) and device.type == "cuda":
             torch.cuda.empty_cache()
-        tracker.set_tags({"eval_status": "failed", "eval_error": f"{type(err).__name__}: {err}"[:5000]})
+        tracker.set_tags({"eval_status": "failed", "eval_error": f"{type(err).__name__}: {err}"})
         tracker.log_text(traceback.format_exc(), "eval_error.txt")
         log.error("evaluation failed (the trained LoRA is kept; re-run with `python -m sdxl_ablate.evaluate "
                   "--run-id %s`): %s: %s", tracker.run_id, type(err).__name__, err)
