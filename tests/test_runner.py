@@ -33,7 +33,7 @@ def test_sweep_runs_one_mlflow_run_per_variant_and_survives_a_bad_one(tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]  # exit code: the number of variants not ok
     runs, client = runs_by_name(tmp_path, "t")
     runs = {name: r for name, r in runs.items() if r.data.tags["kind"] == "variant"}
-    assert sorted(runs) == sorted(f"data=sample,eval=off,lora.rank={r},lora.targets={t},model=tiny,trainer.precision=fp32"
+    assert sorted(runs) == sorted(f"data=sample,lora.rank={r},lora.targets={t},model=tiny,trainer.precision=fp32"
                                   for r in (0, 4) for t in ("attn", "all"))
     for name, run in runs.items():
         if "lora.rank=0" in name:

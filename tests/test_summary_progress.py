@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from sdxl_ablate.model.placement import place
-from sdxl_ablate.run.progress import short_name, sweep_size, without_seed
+from sdxl_ablate.config.identity import seed_override, short_name, without_seed
+from sdxl_ablate.run.sweep import expand
 from sdxl_ablate.evaluate.headline import summary_metrics
 
 
@@ -37,12 +38,13 @@ def test_progress_labels():
     assert without_seed("trainer.seed=2,variant=attn") == "variant=attn"
     assert without_seed("lora.targets=all,trainer.seed=2") == "lora.targets=all"
     assert without_seed("trainer.seed=2") == "default"
+    assert seed_override("lora.targets=all,trainer.seed=2") == "2" and seed_override("variant=attn") is None
     # The study's six variants x three seeds; the command line overrides the sweep file's key.
     six = {"variant": "te_all,te_attn,all,attn,dora_prodigy,attn_dropout05"}
-    assert sweep_size(["sweep=naruto_study", "experiment=demo"], six) == 6
-    assert sweep_size(["trainer.seed=0,1,2"], six) == 18
-    assert sweep_size(["variant=attn,all"], six) == 2
-    assert sweep_size(["trainer.seed=range(0,4)"], {}) == 4
+    assert len(expand(six, ["sweep=naruto_study", "experiment=demo"])) == 6
+    assert len(expand(six, ["trainer.seed=0,1,2"])) == 18
+    assert len(expand(six, ["variant=attn,all"])) == 2
+    assert len(expand({}, ["trainer.seed=range(0,4)"])) == 4
 
 
 def test_job_label_in_a_real_sweep(tmp_path):

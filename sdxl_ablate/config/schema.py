@@ -9,8 +9,6 @@ the composed config becomes a typed object and report every problem at once.
 from __future__ import annotations
 
 import enum
-import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,16 +39,12 @@ __all__ = [
     "Config",
     "cross_field_problems",
     "cache_root",
-    "hashed_items",
-    "config_hash",
     "register_configs",
     "to_typed",
     "flatten",
     "unused_keys",
     "used_params",
     "to_yaml",
-    "HASH_EXCLUDED_PREFIXES",
-    "HASH_EXCLUDED_KEYS",
     "REPO_ROOT",
     "CONF_DIR",
 ]
@@ -339,35 +333,6 @@ def cache_root() -> Path:
     """Where the derived files live (tokenizer, sample dataset, latent cache):
     $SDXL_ABLATE_CACHE, else ~/.cache/sdxl_ablate."""
     return Path(os.environ.get("SDXL_ABLATE_CACHE") or Path.home() / ".cache" / "sdxl_ablate")
-
-
-# Keys that do not change the trained LoRA, left out of `config_hash`: where results are
-# recorded (tracking.*), how they are judged afterwards (eval.*), the study name (the
-# experiment they are filed under), the memory guard (it decides whether a run may go on, not
-# what it computes), and bookkeeping of the run itself. The CUDA speed switches are left out
-# too: they are documented as leaving the numbers as they are (README "Trainer defaults"), so a
-# run resumed with compile or graphs switched is the same training.
-HASH_EXCLUDED_PREFIXES = ("tracking.", "eval.", "memory.")
-HASH_EXCLUDED_KEYS = frozenset({
-    "study", "trainer.log_every", "trainer.cache_dir", "trainer.save_lora",
-    "trainer.checkpoint_every", "trainer.keep_checkpoints", "trainer.checkpoint_dir", "trainer.resume",
-    "trainer.force", "trainer.compile", "trainer.channels_last", "trainer.cuda_graphs",
-})
-
-
-def hashed_items(cfg: Config) -> dict[str, Any]:
-    """The flat config entries that decide the trained result (what `config_hash` hashes)."""
-    return {k: v for k, v in sorted(flatten(cfg).items())
-            if k not in HASH_EXCLUDED_KEYS and not k.startswith(HASH_EXCLUDED_PREFIXES)}
-
-
-def config_hash(cfg: Config) -> str:
-    """A stable 16-hex-digit hash of the resolved config's result-deciding entries.
-
-    Equal hashes mean the same training (same model, data, LoRA, trainer settings, seed,
-    device); see HASH_EXCLUDED_* for what is left out and why."""
-    blob = json.dumps(hashed_items(cfg), sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def register_configs() -> None:

@@ -250,17 +250,17 @@ def run_one(name: str, overrides: list[str], device, warmup: int, steps: int) ->
 
 
 def describe(name: str, overrides: list[str]) -> dict:
+    from sdxl_ablate.config.identity import adapter
     from sdxl_ablate.perf.plan import compose
 
     cfg = compose(overrides)
-    t, lo = cfg.trainer, cfg.lora
+    t = cfg.trainer
     return {
         "name": name, "description": CONFIGS[name].description if name in CONFIGS else "",
         "measured_only": CONFIGS[name].measured_only if name in CONFIGS else True,
         "overrides": [o for o in overrides if o not in COMMON],
         "resolution": cfg.data.resolution, "batch_size": t.batch_size, "grad_accum": t.grad_accum,
-        "variant": {"targets": lo.targets.value, "text_encoder": lo.text_encoder, "use_dora": lo.use_dora,
-                    "dropout": lo.dropout, "rank": lo.rank},
+        "variant": adapter(cfg),
         "precision": t.precision.value, "base_weights": t.base_weights.value, "optimizer": t.optimizer.value,
         "gradient_checkpointing": t.gradient_checkpointing, "compile": t.compile,
         "channels_last": t.channels_last, "cache_latents": t.cache_latents, "cuda_graphs": t.cuda_graphs,

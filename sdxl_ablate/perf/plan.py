@@ -53,6 +53,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from sdxl_ablate.config import CONF_DIR, BaseWeights, Config, ConfigError, ModelKind, Optimizer, Precision, register_configs, to_typed
+from sdxl_ablate.config.identity import adapter
 
 GIB = 1024**3
 
@@ -434,9 +435,7 @@ def plan(cfg: Config) -> dict:
     return {
         "model": cfg.model.kind.value,
         "architecture": "sdxl-base (full size)" if architecture(cfg) == "sdxl" else "tiny",
-        "variant": {"targets": cfg.lora.targets.value, "text_encoder": cfg.lora.text_encoder,
-                    "use_dora": cfg.lora.use_dora, "dropout": cfg.lora.dropout, "rank": cfg.lora.rank,
-                    "alpha": cfg.lora.alpha},
+        "variant": adapter(cfg),
         "params": sim.params,
         "trainable_params": sim.trainable,
         "step": {

@@ -47,16 +47,12 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
-from sdxl_ablate.run.progress import short_name, without_seed
-from sdxl_ablate.evaluate.headline import lift, peak_memory
+from sdxl_ablate.config.identity import AXES, grouping_key, seed_override, short_name, without_seed
 from sdxl_ablate.evaluate.grid import render_grid
+from sdxl_ablate.evaluate.headline import lift, peak_memory
 
-AXES = ("lora.targets", "lora.text_encoder", "lora.use_dora", "lora.dropout", "trainer.precision",
-        "trainer.optimizer", "data.resolution")
 LEGACY_SWEEP = "legacy"
 REUSED_TAG = "reused."  # sweep.REUSED_TAG (not imported: the report needs no Hydra)
-# Params that say where a run wrote or which seed it drew, not what it trained.
-_NOT_THE_VARIANT = ("trainer.seed", "tracking.", "trainer.cache_dir")
 
 
 @dataclass(frozen=True)
@@ -133,8 +129,7 @@ class RunRecord:
     def seed(self) -> Optional[int]:
         value = self.params.get("trainer.seed")
         if value is None:
-            match = re.search(r"(?:^|,)trainer\.seed=(-?\d+)", self.name)
-            value = match.group(1) if match else None
+            value = seed_override(self.name)
         return None if value is None else int(value)
 
     @property
@@ -276,11 +271,11 @@ class Variant:
 
 
 def variant_key(r: RunRecord) -> tuple:
-    """What makes a variant: its params minus the seed and bookkeeping (its name where a run
-    logged no params)."""
+    """What makes a variant: identity's grouping key of its params (its name where a run logged
+    no params)."""
     if not r.params:
         return (r.variant_name,)
-    return tuple(sorted((k, v) for k, v in r.params.items() if not k.startswith(_NOT_THE_VARIANT)))
+    return grouping_key(r.params)
 
 
 def group_variants(runs: list[RunRecord]) -> list[Variant]:

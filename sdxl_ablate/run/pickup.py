@@ -40,6 +40,7 @@ from mlflow.tracking import MlflowClient
 from sdxl_ablate.train.checkpoint import (META, Checkpointer, NoCheckpoints, ConfigMismatch, atomic_write_json,
                          config_differences, latest_valid, list_checkpoints, verify)
 from sdxl_ablate.config import Config, config_hash, hashed_items
+from sdxl_ablate.track.limits import param_value
 from sdxl_ablate.track.tracker import resolve_uri
 
 log = logging.getLogger(__name__)
@@ -132,9 +133,9 @@ class Plan:
             old = MlflowClient(tracking_uri=tracker.uri).get_run(tracker.run_id).data.params
         except Exception:  # noqa: BLE001 - the tracker journals what cannot be written
             return params
-        changed = {k: v for k, v in params.items() if k in old and old[k] != str(v)[:6000]}
+        changed = {k: v for k, v in params.items() if k in old and old[k] != param_value(v)}
         if changed:
-            tracker.set_tags({"resume.changed_params": ", ".join(f"{k}={v}" for k, v in changed.items())[:5000]})
+            tracker.set_tags({"resume.changed_params": ", ".join(f"{k}={v}" for k, v in changed.items())})
         return {k: v for k, v in params.items() if k not in old}
 
     def metrics_logger(self, log_metrics: Callable[..., None]) -> Callable[..., None]:
@@ -324,7 +325,7 @@ def _decide(plan: Plan, cfg: Config, run_name: str) -> None:
     elif t.resume == "auto":
         path, skipped = latest_valid(directory)
         if skipped:
-            plan.tags["resume.skipped_corrupt"] = " | ".join(skipped)[:5000]
+            plan.tags["resume.skipped_corrupt"] = " | ".join(skipped)
         if path is not None:
             plan.action, plan.resume_from = "resume", path
             plan.reason = f"resuming from {path}" + (f" ({len(skipped)} newer corrupt checkpoint(s) skipped)"

@@ -21,6 +21,7 @@ import torch
 
 from sdxl_ablate.train import distributed
 from sdxl_ablate.config import CONF_DIR, Config, to_yaml, used_params
+from sdxl_ablate.config.identity import variant_tags
 from sdxl_ablate.data.datasets import load_data
 from sdxl_ablate.run.devices import acquire_device, gpu_required_by_launcher
 from sdxl_ablate.export.lora_export import log_kohya
@@ -48,23 +49,6 @@ NEGLIGIBLE_RELATIVE_CHANGE = 1e-3
 
 def device_tag(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
-def variant_tags(cfg: Config) -> dict[str, str]:
-    """The ablation axes as tags, so the MLflow UI can group and filter runs by them."""
-    lo, tr = cfg.lora, cfg.trainer
-    return {
-        "study": cfg.study,
-        "model": cfg.model.kind.value,
-        "lora.targets": lo.targets.value,
-        "lora.text_encoder": str(lo.text_encoder).lower(),
-        "lora.use_dora": str(lo.use_dora).lower(),
-        "lora.dropout": str(lo.dropout),
-        "trainer.precision": tr.precision.value,
-        "trainer.optimizer": tr.optimizer.value,
-        "trainer.seed": str(tr.seed),
-        "data.resolution": str(cfg.data.resolution),
-    }
 
 
 def no_effect_reason(cfg: Config, components, eval_metrics: dict[str, float]) -> Optional[str]:
@@ -168,7 +152,7 @@ def run_planned(cfg: Config, run_name: str, output_dir: Path, plan: Plan, sweep:
                                hooks=replace(hooks, loop_start=training_starts), checkpointer=checkpointer)
             phases.split_training(result)
             if checkpointer.failures:
-                tracker.set_tags({"checkpoint.errors": " | ".join(checkpointer.failures)[:5000]})
+                tracker.set_tags({"checkpoint.errors": " | ".join(checkpointer.failures)})
             peak = memory_stats()
             fits = guard.fits(peak, precompute_peak)
             tracker.log_metrics({
@@ -239,7 +223,7 @@ def evaluate_variant(components, lora_file: Path, data, cfg: Config, device: tor
     except Exception as err:  # noqa: BLE001 - evaluation must not undo a finished training
         if is_oom(err) and device.type == "cuda":
             torch.cuda.empty_cache()
-        tracker.set_tags({"eval_status": "failed", "eval_error": f"{type(err).__name__}: {err}"[:5000]})
+        tracker.set_tags({"eval_status": "failed", "eval_error": f"{type(err).__name__}: {err}"})
         tracker.log_text(traceback.format_exc(), "eval_error.txt")
         log.error("evaluation failed (the trained LoRA is kept; re-run with `python -m sdxl_ablate.evaluate "
                   "--run-id %s`): %s: %s", tracker.run_id, type(err).__name__, err)

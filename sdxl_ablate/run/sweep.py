@@ -78,13 +78,19 @@ def read_info(sweep_dir: Path) -> SweepInfo:
 
 
 def job_overrides(config: DictConfig) -> list[list[str]]:
-    """The override lists the sweeper will launch, one per job, as Hydra's basic sweeper expands
-    them: the sweep file's `hydra.sweeper.params`, then the command line, as a cartesian product."""
+    """The override lists the sweeper will launch, one per job (see `expand`)."""
+    params = OmegaConf.select(config, "hydra.sweeper.params")
+    params = OmegaConf.to_container(params, resolve=False) if params else {}
+    return expand(params, OmegaConf.to_container(config.hydra.overrides.task, resolve=False))
+
+
+def expand(sweeper_params: dict[str, Any], task_overrides: list[str]) -> list[list[str]]:
+    """The jobs as Hydra's basic sweeper expands them: the sweep config's `hydra.sweeper.params`,
+    then the command line (which wins for a key in both), as a cartesian product."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
-    params = [f"{k}={v}" for k, v in (OmegaConf.select(config, "hydra.sweeper.params") or {}).items()]
-    task = list(OmegaConf.to_container(config.hydra.overrides.task, resolve=False))
-    parsed = OverridesParser.create().parse_overrides(params + task)
+    params = [f"{k}={v}" for k, v in sweeper_params.items()]
+    parsed = OverridesParser.create().parse_overrides(params + list(task_overrides))
     return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
 

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from sdxl_ablate.config import TrackingConfig
+from sdxl_ablate.track.limits import param_values, tag_values
+from sdxl_ablate.track.protocol import RunTracker
 from sdxl_ablate.track.tracker import Tracker, resolve_uri, status_tags
 
 log = logging.getLogger(__name__)
@@ -60,7 +62,7 @@ class Journal:
         return f"texts/{name}"
 
 
-class JournalingTracker:
+class JournalingTracker(RunTracker):
     """`with JournalingTracker(...) as t:` behaves as `Tracker`, and never lets a tracking
     failure end the training. `failure` is the first error (None while MLflow works)."""
 
@@ -68,7 +70,7 @@ class JournalingTracker:
                  tags: dict[str, str] | None = None, run_id: str | None = None):
         self.cfg, self.experiment, self.run_name = cfg, cfg.experiment or experiment, run_name
         self.uri = resolve_uri(cfg)
-        self._tags = dict(tags or {})
+        self._tags = tag_values(tags or {})
         self.journal = Journal(output_dir)
         self.run_id = run_id
         self.status = "failed"
@@ -146,7 +148,7 @@ class JournalingTracker:
 
     # -- Tracker's methods -----------------------------------------------------------------
     def log_params(self, params: dict[str, Any]) -> None:
-        self._call("log_params", {"params": {k: str(v) for k, v in params.items()}},
+        self._call("log_params", {"params": param_values(params)},
                    lambda: self.tracker.log_params(params))
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
@@ -154,7 +156,7 @@ class JournalingTracker:
         self._call("log_metrics", {"metrics": clean, "step": step}, lambda: self.tracker.log_metrics(metrics, step))
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        self._call("set_tags", {"tags": {k: str(v) for k, v in tags.items()}}, lambda: self.tracker.set_tags(tags))
+        self._call("set_tags", {"tags": tag_values(tags)}, lambda: self.tracker.set_tags(tags))
 
     def set_status(self, status: str, error: str | None = None) -> None:
         self.status = status

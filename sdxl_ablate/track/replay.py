@@ -22,11 +22,11 @@ from mlflow.tracking import MlflowClient
 
 from sdxl_ablate.train.checkpoint import atomic_write_json
 from sdxl_ablate.track.journal import JOURNAL_DIR, journal_path
+from sdxl_ablate.track.limits import batches
 from sdxl_ablate.track.tracker import get_or_create_experiment
 
 log = logging.getLogger(__name__)
 PROGRESS = "replay_progress.json"
-_BATCH = 100
 
 
 class ReplayError(RuntimeError):
@@ -98,13 +98,11 @@ def _apply(client: MlflowClient, run_id: str, rec: dict[str, Any], journal_dir: 
     if op == "open":
         return  # a second failure of the same run: nothing to do
     if op == "log_params":
-        items = [Param(k, v) for k, v in rec["params"].items()]
-        for i in range(0, len(items), _BATCH):
-            client.log_batch(run_id, params=items[i : i + _BATCH])
+        for batch in batches([Param(k, v) for k, v in rec["params"].items()]):
+            client.log_batch(run_id, params=batch)
     elif op == "log_metrics":
-        items = [Metric(k, v, rec["time_ms"], rec["step"]) for k, v in rec["metrics"].items()]
-        for i in range(0, len(items), _BATCH):
-            client.log_batch(run_id, metrics=items[i : i + _BATCH])
+        for batch in batches([Metric(k, v, rec["time_ms"], rec["step"]) for k, v in rec["metrics"].items()]):
+            client.log_batch(run_id, metrics=batch)
     elif op == "set_tags":
         client.log_batch(run_id, tags=[RunTag(k, v) for k, v in rec["tags"].items()])
     elif op == "log_artifact":

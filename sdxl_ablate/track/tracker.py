@@ -23,12 +23,10 @@ from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
 
 from sdxl_ablate.config import TrackingConfig
+from sdxl_ablate.track.limits import batches, param_values, tag_values
+from sdxl_ablate.track.protocol import RunTracker
 
 log = logging.getLogger(__name__)
-
-# MLflow's limits on one log_batch call and on one param value.
-_BATCH = 100
-_PARAM_CHARS = 6000
 
 
 def resolve_uri(cfg: TrackingConfig) -> str:
@@ -117,10 +115,10 @@ def get_or_create_experiment(client: MlflowClient, name: str, artifact_root: str
 
 def status_tags(status: str, error: str | None = None) -> dict[str, str]:
     """The tags that say how a variant ended (`status`, and `error` when it failed)."""
-    return {"status": status, **({"error": error[:5000]} if error else {})}
+    return {"status": status, **({"error": error} if error else {})}
 
 
-class Tracker:
+class Tracker(RunTracker):
     """`with Tracker(cfg, experiment, run_name) as t:` -> the run is closed whatever happens.
 
     The status tag (ok/oom/nan/failed) is the caller's; the MLflow run status follows it.
@@ -131,7 +129,7 @@ class Tracker:
         self.uri = resolve_uri(cfg)
         self.client = connect(self.uri)
         self.run_name = run_name
-        self._tags = dict(tags or {})
+        self._tags = tag_values(tags or {})
         self.run_id: str | None = run_id  # given: reopen that run (a resume, a re-evaluation)
         self.status = "failed"
         if run_id is None:
@@ -160,18 +158,17 @@ class Tracker:
 
     # -- logging ------------------------------------------------------------------------
     def log_params(self, params: dict[str, Any]) -> None:
-        items = [Param(k, str(v)[:_PARAM_CHARS]) for k, v in params.items()]
-        for i in range(0, len(items), _BATCH):
-            self.client.log_batch(self.run_id, params=items[i : i + _BATCH])
+        for batch in batches([Param(k, v) for k, v in param_values(params).items()]):
+            self.client.log_batch(self.run_id, params=batch)
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None and math.isfinite(float(v))]
-        for i in range(0, len(items), _BATCH):
-            self.client.log_batch(self.run_id, metrics=items[i : i + _BATCH])
+        for batch in batches(items):
+            self.client.log_batch(self.run_id, metrics=batch)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tag_values(tags).items()])
 
     def set_status(self, status: str, error: str | None = None) -> None:
         self.status = status

@@ -35,9 +35,13 @@ import os
 import signal
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+
+from sdxl_ablate.track.protocol import RunTracker
 
 log = logging.getLogger(__name__)
 
@@ -158,17 +162,40 @@ def hydra_overrides(env: dict[str, str] | None = None) -> list[str]:
     return ["hydra.output_subdir=null", f"hydra.run.dir={scratch}", f"hydra.sweep.dir={scratch}"]
 
 
-class NullTracker:
+class NullTracker(RunTracker):
     """What the ranks other than 0 log to: nothing (rank 0 owns the MLflow run)."""
 
     status = "ok"
     run_id = None
+    uri = None
+    client = None
 
     def __enter__(self) -> "NullTracker":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         return None
 
-    def __getattr__(self, name):
-        return lambda *args, **kwargs: None
+    def log_params(self, params: dict[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        pass
+
+    def set_status(self, status: str, error: Optional[str] = None) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
+        pass
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        pass
+
+    def log_dict(self, data: dict, artifact_file: str) -> None:
+        pass
+
+    def log_image(self, image, key: str, step: int) -> None:
+        pass
