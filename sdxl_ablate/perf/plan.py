@@ -427,8 +427,8 @@ def predicted_fit(cfg: Config, device: torch.device) -> dict[str, float]:
     """The dry run's prediction for a variant about to train on `device`, as metrics: its peak
     reserved GPU memory and the headroom left under the budget. Empty where the plan cannot
     predict: the allocator model is fitted to full-size SDXL on CUDA, so the tiny model and a
-    CPU run get no number rather than a made-up one. The simulation costs seconds on a CPU
-    (about 6 s for full-size SDXL on a busy 2-core machine), small beside loading that model."""
+    CPU run get no number rather than a made-up one. The simulation takes 5 to 20 s of CPU for
+    full-size SDXL (measured on a busy 2-core machine), small beside loading and training it."""
     if device.type != "cuda" or architecture(cfg) != "sdxl":
         return {}
     reserved = simulate_step(cfg).peak_reserved_gib
