@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-stamp
 # spinning threads slow a busy 2-core machine down many times over.
 CPU_ENV := OMP_NUM_THREADS=1
 
-.PHONY: install test test-fast demo study mlflow-ui ui-check report plan bench clean
+.PHONY: install test test-fast test-gpu demo study mlflow-ui ui-check report plan bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ test: install
 
 test-fast: install
 	$(CPU_ENV) $(BIN)/python -m pytest -q -m "not slow"
+
+## Only the tests that need a CUDA GPU (the memory cap, graphs, bench, resume on the GPU).
+test-gpu: install
+	$(BIN)/python -m pytest -q -m gpu
 
 ## The study's six variants on the tiny model and the sample data (CPU, offline), then its report.
 ## SEEDS=0,1,2 runs every variant with each seed (mean and spread in the report).

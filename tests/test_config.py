@@ -7,7 +7,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
-from sdxl_ablate.config import Config, ConfigError, Optimizer, Targets, flatten, to_typed
+from sdxl_ablate.config import Config, ConfigError, DataSource, ModelKind, Optimizer, Targets, flatten, to_typed
 from sdxl_ablate.model.lora import UNET_TARGETS
 
 from .conftest import CONF, ROOT, compose_config
@@ -99,11 +99,36 @@ def test_folder_source_needs_a_path():
 
 def test_defaults_are_the_real_task():
     cfg = to_typed(compose_config([]))
+    assert (cfg.model.kind, cfg.data.source, cfg.data.resolution) == (ModelKind.pretrained, DataSource.hub, 1024)
     assert cfg.model.pretrained == "stabilityai/stable-diffusion-xl-base-1.0"
     assert cfg.data.name == "lambdalabs/naruto-blip-captions"
     assert cfg.memory.budget_gib == 16
     assert cfg.eval.prompts == ["Naruto Uzumaki eating ramen", "Bill Gates in Naruto style",
                                 "A boy with blue eyes in Naruto style", "cute dragon creature"]
+
+
+def test_schema_defaults_are_the_composed_default_config():
+    """`Config()` is what `python -m sdxl_ablate` runs with no overrides, key by key."""
+    schema, composed = flatten(Config()), flatten(to_typed(compose_config([])))
+    assert schema.keys() == composed.keys()
+    differ = {k: (schema[k], composed[k]) for k in schema if schema[k] != composed[k]}
+    assert not differ, f"schema default vs composed default config (schema, composed): {differ}"
+
+
+# Groups whose options fill the schema's sections; experiments, variants and sweeps are recipes
+# that name every axis they set, default or not.
+SECTION_GROUPS = ("model", "data", "lora", "trainer", "memory", "eval", "tracking")
+
+
+@pytest.mark.parametrize("group", SECTION_GROUPS)
+def test_no_group_file_restates_a_schema_default(group):
+    """A group file says only what its option changes, so the schema stays the one source of
+    defaults: a key there whose value equals the schema default is a restatement."""
+    defaults = OmegaConf.structured(Config)[group]
+    for f in sorted((CONF / group).glob("*.yaml")):
+        values = OmegaConf.load(f)
+        restated = {k: v for k, v in values.items() if k in defaults and defaults[k] == v}
+        assert not restated, f"{f.relative_to(ROOT)} restates the schema defaults {restated}"
 
 
 def test_flatten_gives_dotted_plain_params():

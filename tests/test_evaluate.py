@@ -13,7 +13,8 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 import sdxl_ablate.evaluate.scores as evaluate_module
-from sdxl_ablate.config import Config, DataConfig, EvalConfig, LoraConfig, Precision, TrackingConfig, TrainerConfig
+from sdxl_ablate.config import (Config, DataConfig, DataSource, EvalConfig, LoraConfig, ModelConfig, ModelKind, Precision,
+                                TrackingConfig, TrainerConfig)
 from sdxl_ablate.data.datasets import Example, LoadedData
 from sdxl_ablate.evaluate.scores import (
     ClipLoadError,
@@ -163,7 +164,8 @@ def eval_config(store: Path, **eval_kw) -> Config:
     ev = {"prompts": ["a red circle", "a blue square"], "seeds": [0, 1], "steps": 2, "resolution": 64,
           "clip_model": "tiny", "clip_pretrained": "tiny", "heldout_timesteps": [100, 500, 900], **eval_kw}
     return Config(
-        data=DataConfig(resolution=64),
+        model=ModelConfig(kind=ModelKind.tiny),
+        data=DataConfig(source=DataSource.sample, resolution=64),
         lora=LoraConfig(rank=4),
         trainer=TrainerConfig(precision=Precision.fp32, batch_size=2),
         eval=EvalConfig(**ev),

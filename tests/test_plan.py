@@ -95,16 +95,35 @@ def test_command_line_exit_code():
     assert "atn" in proc.stderr
 
 
-def test_committed_benchmarks_are_predicted_within_15_percent():
-    """Every configuration of the committed benchmark runs: predicted peak reserved within 15% of
-    the measured one (the numbers `bench --predict-only` wrote beside the measurements)."""
-    files = sorted((ROOT / "results").glob("bench_*px.json"))
-    if not files:
-        pytest.skip("no committed benchmark results")
-    checked = 0
-    for f in files:
-        for r in json.loads(f.read_text())["records"]:
-            if r.get("status") == "ok" and "prediction_error" in r:
-                assert abs(r["prediction_error"]) <= 0.15, (f.name, r["name"], r["prediction_error"])
-                checked += 1
-    assert checked > 0
+def benchmark_records() -> list:
+    """(file, name, overrides as the benchmark composed them, measured peak reserved GiB)."""
+    from sdxl_ablate.perf.bench import COMMON
+
+    return [pytest.param([*COMMON, f"data.resolution={r['resolution']}", *r["overrides"]], r["peak_reserved_gib"],
+                         id=f"{f.stem}:{r['name']}")
+            for f in sorted((ROOT / "results").glob("bench_*.json"))
+            for r in json.loads(f.read_text())["records"] if r.get("status") == "ok"]
+
+
+# The error the plan states for its memory model (the module docstring: 7.7% at most on the fitted
+# set, 8.9% on the supplement's batch 24), with room for torch versions.
+STATED_ERROR = 0.15
+
+
+@pytest.mark.slow  # a full-size SDXL step on the meta device: 5 to 20 s each on 2 busy CPU cores
+@pytest.mark.parametrize("overrides,measured", benchmark_records())
+def test_committed_benchmarks_are_predicted_now_within_the_stated_error(overrides, measured):
+    """Each committed benchmark configuration, predicted now by the function the runner logs
+    (`plan/predicted_peak_gib`), against the peak reserved the GPU measured for it."""
+    predicted = plan.predicted_fit(plan.compose(overrides), torch.device("cuda", 0))["plan/predicted_peak_gib"]
+    assert abs(predicted - measured) / measured <= STATED_ERROR, (predicted, measured)
+
+
+def test_benchmark_records_are_committed():
+    assert len(benchmark_records()) >= 28
+
+
+def test_no_prediction_where_the_plan_is_not_calibrated():
+    """Fitted to full-size SDXL on CUDA: the tiny model and a CPU run get no number."""
+    assert plan.predicted_fit(plan.compose(["model=tiny"]), torch.device("cuda", 0)) == {}
+    assert plan.predicted_fit(plan.compose(["model=sdxl_random"]), torch.device("cpu")) == {}

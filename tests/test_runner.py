@@ -143,3 +143,35 @@ def test_a_skipped_non_finite_step_is_counted_and_training_goes_on(tmp_path, mon
     assert run.data.tags["status"] == "ok"
     assert run.data.metrics["train/nonfinite_steps"] == 1
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 3  # the skipped step logs no loss
+
+
+def test_the_run_logs_its_headroom_under_the_budget(tmp_path):
+    _, run, client = run_variant(tmp_path, "trainer.max_steps=2")
+    m = run.data.metrics
+    assert "memory/fits_budget" not in m
+    # The training peak logged beside the headroom (the per-step peaks come before it).
+    headroom = client.get_metric_history(run.info.run_id, "memory/headroom_gib")
+    assert len(headroom) == 1
+    peak = next(p.value for p in client.get_metric_history(run.info.run_id, "memory/peak_rss_gib")
+                if p.timestamp == headroom[0].timestamp)
+    expected = 16 - max(peak, m["memory/precompute_peak_rss_gib"])
+    assert headroom[0].value == pytest.approx(expected, abs=1e-9)
+
+
+def test_the_predicted_fit_is_logged_before_the_first_training_step(tmp_path, monkeypatch):
+    # The plan predicts only full-size SDXL on CUDA (plan.predicted_fit); here a stand-in says
+    # where the runner puts its numbers.
+    monkeypatch.setattr(runner, "predicted_fit", lambda cfg, device: {
+        "plan/predicted_peak_gib": 9.5, "plan/predicted_headroom_gib": cfg.memory.budget_gib - 9.5})
+    _, run, client = run_variant(tmp_path, "trainer.max_steps=2")
+    history = {k: client.get_metric_history(run.info.run_id, k)
+               for k in ("plan/predicted_peak_gib", "plan/predicted_headroom_gib", "train/loss")}
+    assert [m.value for m in history["plan/predicted_peak_gib"]] == [9.5]
+    assert [m.value for m in history["plan/predicted_headroom_gib"]] == [6.5]
+    first_step = min(m.timestamp for m in history["train/loss"])
+    assert history["plan/predicted_peak_gib"][0].timestamp < first_step
+
+
+def test_a_run_the_plan_cannot_predict_logs_no_prediction(tmp_path):
+    _, run, _ = run_variant(tmp_path, "trainer.max_steps=1")  # the tiny model on the CPU
+    assert not [k for k in run.data.metrics if k.startswith("plan/")]

@@ -109,7 +109,9 @@ class BaseWeights(str, enum.Enum):
 
 @dataclass
 class ModelConfig:
-    kind: ModelKind = ModelKind.tiny
+    # The defaults here are the real task's (what `python -m sdxl_ablate` composes); conf/'s
+    # group files say only where an option differs (tests/test_config.py keeps it so).
+    kind: ModelKind = ModelKind.pretrained
     # Hub id or local directory in diffusers layout; used when kind=pretrained.
     pretrained: str = "stabilityai/stable-diffusion-xl-base-1.0"
     revision: Optional[str] = None
@@ -124,7 +126,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: DataSource = DataSource.sample
+    source: DataSource = DataSource.hub
     name: str = "lambdalabs/naruto-blip-captions"  # hub dataset id (source=hub)
     path: Optional[str] = None  # image folder with metadata.jsonl (source=folder)
     split: str = "train"

@@ -424,6 +424,18 @@ def _run_step(cfg: Config, batch: int, dtype: torch.dtype) -> dict:
             "flops": watcher.flops, "model_flops": watcher.flops - watcher.recompute_flops, "components": c}
 
 
+def predicted_fit(cfg: Config, device: torch.device) -> dict[str, float]:
+    """The dry run's prediction for a variant about to train on `device`, as metrics: its peak
+    reserved GPU memory and the headroom left under the budget. Empty where the plan cannot
+    predict: the allocator model is fitted to full-size SDXL on CUDA, so the tiny model and a
+    CPU run get no number rather than a made-up one. The simulation takes 5 to 20 s of CPU for
+    full-size SDXL (measured on a busy 2-core machine), small beside loading and training it."""
+    if device.type != "cuda" or architecture(cfg) != "sdxl":
+        return {}
+    reserved = simulate_step(cfg).peak_reserved_gib
+    return {"plan/predicted_peak_gib": reserved, "plan/predicted_headroom_gib": cfg.memory.budget_gib - reserved}
+
+
 # --- the report -----------------------------------------------------------------------------
 
 

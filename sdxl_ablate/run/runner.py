@@ -32,6 +32,7 @@ from sdxl_ablate.train.memory import MemoryGuard, configure_allocator, is_oom
 from sdxl_ablate.model.sdxl import load_components
 from sdxl_ablate.run.phases import Phases
 from sdxl_ablate.model.placement import place
+from sdxl_ablate.perf.plan import predicted_fit
 from sdxl_ablate.run.pickup import Plan, VariantBusy, data_parallel_plan, plan_variant
 from sdxl_ablate.run.progress import job_label
 from sdxl_ablate.evaluate.samples import training_hooks
@@ -91,6 +92,18 @@ def run(cfg: Config, run_name: str, output_dir: Path, sweep: Optional[SweepInfo]
         plan.release()
 
 
+def log_predicted_fit(tracker, cfg: Config, device: torch.device) -> None:
+    """The dry run's word on this variant (perf/plan.py), logged before training to hold against
+    the measured peak. Advisory: a prediction that fails is a warning, never the variant's end."""
+    try:
+        predicted = predicted_fit(cfg, device)
+    except Exception as err:  # noqa: BLE001
+        log.warning("no memory prediction for this variant: %s: %s", type(err).__name__, err)
+        return
+    if predicted:
+        tracker.log_metrics(predicted)
+
+
 def run_planned(cfg: Config, run_name: str, output_dir: Path, plan: Plan, sweep: SweepInfo,
                 ddp: Optional[distributed.Ddp] = None) -> float | None:
     phases = Phases()  # where the variant's time goes: time/* metrics and phases.json
@@ -120,6 +133,8 @@ def run_planned(cfg: Config, run_name: str, output_dir: Path, plan: Plan, sweep:
                               **({"ddp.world_size": str(ddp.world)} if ddp else {})})
             guard = MemoryGuard(cfg.memory.budget_gib, device, cfg.memory.enforce)
             guard.start()
+            if main_rank:
+                log_predicted_fit(tracker, cfg, device)
             # Under torchrun: the fullest GPU's numbers.
             memory_stats = guard.peak if ddp is None else lambda: ddp.max_over_ranks(guard.peak())
             with phases("data"):
@@ -154,15 +169,14 @@ def run_planned(cfg: Config, run_name: str, output_dir: Path, plan: Plan, sweep:
             if checkpointer.failures:
                 tracker.set_tags({"checkpoint.errors": " | ".join(checkpointer.failures)})
             peak = memory_stats()
-            fits = guard.fits(peak, precompute_peak)
             tracker.log_metrics({
                 **peak,
+                **guard.headroom(peak, precompute_peak),
                 "train/final_loss": result.final_loss,
                 "train/steps": result.steps,
                 "train/nonfinite_steps": result.nonfinite_steps,
                 "perf/step_time_s": result.step_time,
                 "perf/images_per_s": result.images_per_s,
-                **({} if fits is None else {"memory/fits_budget": float(fits)}),
             })
             if result.status != "ok":
                 tracker.set_status(result.status, error=f"{result.nonfinite_steps} non-finite losses, "

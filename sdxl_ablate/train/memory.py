@@ -8,7 +8,8 @@ On CPU there is no allocator to cap: the peak resident set size of the process i
 recorded instead, under its own metric name, after giving freed heap back to the kernel and
 resetting its high-water mark. Each variant has two phases, measured apart: setup and input
 caching (`memory/precompute_peak_*`), then training (`memory/peak_*`), so a warm or cold
-latent cache does not change the training number.
+latent cache does not change the training number; `memory/headroom_gib` is the budget minus
+the larger of the two.
 """
 
 from __future__ import annotations
@@ -92,10 +93,15 @@ class MemoryGuard:
                     f"{prefix}_reserved_gib": torch.cuda.memory_reserved(self.device) / GIB}
         return {f"{prefix}_rss_gib": current_rss_bytes() / GIB}
 
-    def fits(self, *peaks: dict[str, float]) -> bool | None:
-        """Whether every phase fits the budget; None where it cannot be told (CPU)."""
-        reserved = [v for p in peaks for k, v in p.items() if k.endswith("_reserved_gib")]
-        return None if not reserved else max(reserved) <= self.budget_gib
+    def headroom(self, *peaks: dict[str, float]) -> dict[str, float]:
+        """The budget minus the largest peak of the phases, in GiB. On CUDA the peak reserved:
+        with the cap on, a variant over the budget dies with an OOM before this is logged, so
+        a negative number means the guard was off (memory.enforce=false). On CPU nothing is
+        capped and the peak RSS is the whole process's (interpreter, libraries, data), so the
+        number is host memory left under the budget, not whether a 16 GB card would fit."""
+        suffix = "_reserved_gib" if self.cuda else "_rss_gib"
+        peak = max(v for p in peaks for k, v in p.items() if k.endswith(suffix))
+        return {"memory/headroom_gib": self.budget_gib - peak}
 
     def release(self) -> None:
         gc.collect()
