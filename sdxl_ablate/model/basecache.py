@@ -265,7 +265,7 @@ def restore(entry: _Entry) -> None:
     """Undoes what a variant (training and evaluation) does to the base, without touching a
     weight's value: see the module docstring for the list."""
     from sdxl_ablate.model.lora import lora_modules, remove_adapters
-    from sdxl_ablate.train.loop import uncompile_blocks
+    from sdxl_ablate.model.compile import uncompile_blocks
 
     c = entry.components
     uncompile_blocks(c.unet)

@@ -258,7 +258,7 @@ def reevaluate(run_id: str, tracking, eval_overrides: list[str], device_name: Op
 
     from sdxl_ablate.config import Config, to_typed
     from sdxl_ablate.model.lora import load_lora
-    from sdxl_ablate.train.loop import DTYPES
+    from sdxl_ablate.model.precision import DTYPES
 
     with Tracker(tracking, "", "", run_id=run_id) as tracker:
         run = tracker.client.get_run(run_id)
