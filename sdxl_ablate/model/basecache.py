@@ -250,7 +250,7 @@ def build_random_base(device: torch.device, dtype: torch.dtype, vae_dtype: torch
 
 
 def place(c: SDXLComponents, device: torch.device, dtype: torch.dtype, vae_dtype: torch.dtype) -> None:
-    """The lent state: as train.prepare_model places the modules, frozen, in eval mode."""
+    """The lent state: as train.setup.place_components places the modules, frozen, in eval mode."""
     for module in (c.unet, c.text_encoder, c.text_encoder_2):
         place_module(module, device, dtype)
     place_module(c.vae, device, vae_dtype)

@@ -8,8 +8,8 @@ of one training step, and the predicted peak GPU memory against the budget.
 How the memory prediction works
 -------------------------------
 One training step is *run* on meta tensors, through the trainer's own code
-(`train.prepare_model`'s switches, `precompute.encode_images/encode_prompts`,
-`train.diffusion_loss`, `backward`), while two interpreters watch it:
+(`train.setup`'s placement and switches, `precompute.encode_images/encode_prompts`,
+`train.objective.diffusion_loss`, `backward`), while two interpreters watch it:
 
 - an autocast stand-in (`_CudaAutocast`, a TorchFunctionMode) casts operands the way CUDA
   autocast does (matmuls and convolutions in the compute dtype; normalisations, softmax,
