@@ -84,10 +84,10 @@ def total_steps(cfg: Config, n_images: int) -> int:
 
 
 class StepTimer:
-    """Seconds per optimizer step without waiting for the GPU at every step: on CUDA each step
-    is bracketed by events, read once the GPU has passed them (`settle`: at a checkpoint and at
-    the end). `sync` waits for the GPU after every step instead (the benchmark's per-step
-    times, trainer.sync_every_step)."""
+    """Seconds per optimizer step without an extra wait for the GPU at every step: on CUDA each
+    step is bracketed by events, read once the GPU has passed them (the next step's loss read
+    has waited for that already; `settle` waits at a checkpoint and at the end). `sync` waits
+    for the GPU after every step instead (the benchmark's per-step times, trainer.sync_every_step)."""
 
     def __init__(self, device: torch.device, sync: bool, result: TrainResult):
         self.device, self.result = device, result
@@ -103,12 +103,13 @@ class StepTimer:
         return event
 
     def stop(self, started) -> None:
-        """Counts the step begun at `started` (a step that was skipped is not counted)."""
+        """Times the step begun at `started`."""
         if not self.events:
             if self.sync:
                 torch.cuda.synchronize(self.device)
             self.result.step_times.append(time.perf_counter() - started)
             return
+        self.settle()  # the earlier steps': the GPU is past them, this step's loss was read
         end = torch.cuda.Event(enable_timing=True)
         end.record()
         self.pending.append((started, end))
