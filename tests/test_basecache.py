@@ -220,7 +220,7 @@ def test_compiled_blocks_are_reused_by_a_later_variant_with_the_same_block_struc
 
     from sdxl_ablate.config import LoraConfig, Targets
     from sdxl_ablate.model.lora import add_adapters, remove_adapters
-    from sdxl_ablate.train.loop import compile_blocks, uncompile_blocks
+    from sdxl_ablate.model.compile import compile_blocks, uncompile_blocks
 
     counter = CompileCounter()
     real = torch.nn.Module.compile

@@ -11,7 +11,8 @@ from diffusers import DDPMScheduler
 from sdxl_ablate.config import Config, TrainerConfig
 from sdxl_ablate.model.sdxl import SDXL_SCHEDULER_CONFIG, build_tiny
 from sdxl_ablate.data.precompute import encode_images, encode_prompts, sample_latents
-from sdxl_ablate.train.loop import batches, diffusion_loss, total_steps
+from sdxl_ablate.train.loop import batches, total_steps
+from sdxl_ablate.train.objective import diffusion_loss
 
 
 class EchoUNet(torch.nn.Module):

@@ -79,9 +79,9 @@ def test_oom_ends_the_variant_with_status_oom_and_its_peak(tmp_path, monkeypatch
 
 
 def test_non_finite_losses_in_a_row_end_the_run_with_status_nan(tmp_path, monkeypatch):
-    from sdxl_ablate.train import loop as train_mod
+    from sdxl_ablate.train import objective
 
-    monkeypatch.setattr(train_mod, "diffusion_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    monkeypatch.setattr(objective, "denoising_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
     result, run, _ = run_variant(tmp_path, "trainer.max_steps=10", "trainer.max_nonfinite_in_row=3")
     assert result is None
     assert run.data.tags["status"] == "nan"
@@ -129,16 +129,16 @@ def test_unreadable_images_are_skipped_counted_and_logged(tmp_path):
 
 
 def test_a_skipped_non_finite_step_is_counted_and_training_goes_on(tmp_path, monkeypatch):
-    from sdxl_ablate.train import loop as train_mod
+    from sdxl_ablate.train import objective
 
-    real, calls = train_mod.diffusion_loss, []
+    real, calls = objective.denoising_loss, []
 
     def flaky(*args, **kwargs):
         calls.append(1)
         loss = real(*args, **kwargs)
         return loss * float("inf") if len(calls) == 2 else loss
 
-    monkeypatch.setattr(train_mod, "diffusion_loss", flaky)
+    monkeypatch.setattr(objective, "denoising_loss", flaky)
     result, run, client = run_variant(tmp_path, "trainer.max_steps=4")
     assert run.data.tags["status"] == "ok"
     assert run.data.metrics["train/nonfinite_steps"] == 1

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from sdxl_ablate.train import loop as train_mod
+from sdxl_ablate.train import loop as train_mod, objective
 from sdxl_ablate.config import to_typed
 from sdxl_ablate.data.datasets import load_data
 from sdxl_ablate.model.sdxl import build_tiny
@@ -44,8 +44,8 @@ def test_each_optimizer_trains_the_lora_and_nothing_else(tmp_path, optimizer, lr
 
 def test_grad_accumulation_runs_that_many_micro_batches_per_step(tmp_path, monkeypatch):
     calls = []
-    real = train_mod.diffusion_loss
-    monkeypatch.setattr(train_mod, "diffusion_loss", lambda *a, **k: calls.append(a[2].shape[0]) or real(*a, **k))
+    real = objective.denoising_loss
+    monkeypatch.setattr(objective, "denoising_loss", lambda *a, **k: calls.append(a[2].shape[0]) or real(*a, **k))
     cfg, c, data = setup(tmp_path, "trainer.max_steps=3", "trainer.grad_accum=2", "trainer.batch_size=3")
     result = train_mod.train(c, data, cfg, torch.device("cpu"))
     assert calls == [3] * 6 and result.images_per_step == 6 and result.steps == 3
@@ -87,8 +87,8 @@ def test_mixed_precision_keeps_lora_weights_fp32_and_base_in_the_compute_dtype(t
 def test_noise_offset_changes_the_noise_per_channel_only():
     g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
     latents = torch.zeros(2, 4, 8, 8)
-    plain, _ = train_mod.draw_noise(latents, 1000, 0.0, g1)
-    offset, _ = train_mod.draw_noise(latents, 1000, 0.1, g2)
+    plain, _ = objective.draw_noise(latents, 1000, 0.0, g1)
+    offset, _ = objective.draw_noise(latents, 1000, 0.1, g2)
     shift = offset - plain
     assert not torch.equal(plain, offset)
     assert torch.allclose(shift, shift[..., :1, :1].expand_as(shift), atol=1e-6)  # constant per channel

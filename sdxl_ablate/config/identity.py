@@ -49,6 +49,7 @@ HASH_EXCLUDED_KEYS = frozenset({
     "study", "trainer.log_every", "trainer.cache_dir", "trainer.save_lora",
     "trainer.checkpoint_every", "trainer.keep_checkpoints", "trainer.checkpoint_dir", "trainer.resume",
     "trainer.force", "trainer.compile", "trainer.channels_last", "trainer.cuda_graphs",
+    "trainer.sync_every_step",
 })
 STUDY_WIDE = ("experiment", "sweep", "device", "trainer.max_steps")
 SEED = "trainer.seed"

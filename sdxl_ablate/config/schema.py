@@ -181,6 +181,10 @@ class TrainerConfig:
     # Capture each step's forward + backward once as a CUDA graph and replay it (not with
     # text-encoder LoRA, nor with LoRA dropout under checkpointing: the trainer says so).
     cuda_graphs: bool = True
+    # Wait for the GPU after every step, so that each step's time is its own wall time (the
+    # benchmark's per-step times). Off, the loop waits once per step only to read the loss, and
+    # times steps with CUDA events, so the host can queue the next step's work meanwhile.
+    sync_every_step: bool = False
     save_lora: bool = True
     # Checkpoints and resume (README "Resuming and faults"). A checkpoint every N optimizer steps
     # (null or 0: only at the end), the last `keep_checkpoints` kept, under

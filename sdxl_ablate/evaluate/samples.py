@@ -27,7 +27,8 @@ from PIL import Image
 
 from sdxl_ablate.config import Config
 from sdxl_ablate.evaluate.scores import eval_jobs, generate
-from sdxl_ablate.train.loop import Hooks, lora_input_casting, total_steps
+from sdxl_ablate.train.loop import Hooks, total_steps
+from sdxl_ablate.train.setup import lora_input_casting
 
 log = logging.getLogger(__name__)
 

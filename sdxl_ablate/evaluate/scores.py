@@ -36,7 +36,7 @@ from sdxl_ablate.train.memory import dequantize_base_weights
 from sdxl_ablate.model.placement import place
 from sdxl_ablate.data.precompute import encode_images, encode_prompts, prepare_example
 from sdxl_ablate.model.precision import compute_dtype, vae_dtype
-from sdxl_ablate.train.loop import target_for
+from sdxl_ablate.train.objective import target_for
 from sdxl_ablate.evaluate.grid import make_grid
 from sdxl_ablate.evaluate.headline import lift
 

@@ -250,7 +250,7 @@ def build_random_base(device: torch.device, dtype: torch.dtype, vae_dtype: torch
 
 
 def place(c: SDXLComponents, device: torch.device, dtype: torch.dtype, vae_dtype: torch.dtype) -> None:
-    """The lent state: as train.prepare_model places the modules, frozen, in eval mode."""
+    """The lent state: as train.setup.place_components places the modules, frozen, in eval mode."""
     for module in (c.unet, c.text_encoder, c.text_encoder_2):
         place_module(module, device, dtype)
     place_module(c.vae, device, vae_dtype)
@@ -265,7 +265,7 @@ def restore(entry: _Entry) -> None:
     """Undoes what a variant (training and evaluation) does to the base, without touching a
     weight's value: see the module docstring for the list."""
     from sdxl_ablate.model.lora import lora_modules, remove_adapters
-    from sdxl_ablate.train.loop import uncompile_blocks
+    from sdxl_ablate.model.compile import uncompile_blocks
 
     c = entry.components
     uncompile_blocks(c.unet)

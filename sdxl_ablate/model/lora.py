@@ -260,10 +260,13 @@ def remove_adapters(components) -> None:
     """Strips the adapters, restoring the base modules exactly (no merge)."""
     from diffusers.utils import recurse_remove_peft_layers
 
-    for module in lora_modules(components).values():
-        recurse_remove_peft_layers(module)
-        del module.peft_config
-        module._hf_peft_config_loaded = False
+    for name, module in lora_modules(components).items():
+        if name == "unet":
+            module.unload_lora()
+        else:  # what diffusers' pipelines do to a text encoder (transformers has no such call)
+            recurse_remove_peft_layers(module)
+            del module.peft_config
+            module._hf_peft_config_loaded = False
 
 
 def lora_b_all_zero(components) -> bool:

@@ -8,8 +8,8 @@ of one training step, and the predicted peak GPU memory against the budget.
 How the memory prediction works
 -------------------------------
 One training step is *run* on meta tensors, through the trainer's own code
-(`train.prepare_model`'s switches, `precompute.encode_images/encode_prompts`,
-`train.diffusion_loss`, `backward`), while two interpreters watch it:
+(`train.setup`'s placement and switches, `precompute.encode_images/encode_prompts`,
+`train.objective.diffusion_loss`, `backward`), while two interpreters watch it:
 
 - an autocast stand-in (`_CudaAutocast`, a TorchFunctionMode) casts operands the way CUDA
   autocast does (matmuls and convolutions in the compute dtype; normalisations, softmax,
@@ -351,38 +351,25 @@ def simulate_step(cfg: Config, batch_size: int | None = None) -> StepSimulation:
 
 
 def _run_step(cfg: Config, batch: int, dtype: torch.dtype) -> dict:
-    from sdxl_ablate.train.memory import store_base_weights_fp8
     from sdxl_ablate.data.precompute import encode_images, encode_prompts
-    from sdxl_ablate.model.placement import place
-    from sdxl_ablate.model.precision import vae_dtype
-    from sdxl_ablate.train.loop import checkpoint_function, checkpoint_text_encoder, diffusion_loss, lora_input_casting
+    from sdxl_ablate.train.objective import diffusion_loss
+    from sdxl_ablate.train.setup import configure, place_components
 
     t, lo = cfg.trainer, cfg.lora
     res = cfg.data.resolution
     c = build_meta(cfg, dtype)
-    for p in c.trainable:
-        p.data = p.data.float()  # as prepare_model: fp32 LoRA weights
-    if dtype != torch.float32:
-        lora_input_casting(c, enabled=False)
-    place(c.vae, c.vae.device, vae_dtype(cfg, dtype))
-    if t.base_weights == BaseWeights.fp8:
-        store_base_weights_fp8(c.unet, dtype)
+    # The trainer's own setup, less what only a real device has (compile, channels_last).
+    place_components(c, cfg, torch.device("meta"))
+    configure(c, cfg)
     watcher = _Watcher()
     autocast = _CudaAutocast(dtype if dtype != torch.float32 else None, watcher)
     recompute = _Recomputation(autocast)
     if t.gradient_checkpointing:
-        c.unet.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_function(cfg))
-        if lo.text_encoder:
-            checkpoint_text_encoder(c.text_encoder)
-            checkpoint_text_encoder(c.text_encoder_2)
         # The backward's recomputation runs outside the autocast stand-in (the GPU's real
         # checkpoint re-enters autocast itself): make each checkpointed call re-enter it.
         for m in (*c.unet.modules(), *c.text_encoder.modules(), *c.text_encoder_2.modules()):
             if callable(getattr(m, "_gradient_checkpointing_func", None)):
                 m._gradient_checkpointing_func = recompute.wrap(m._gradient_checkpointing_func)
-    c.unet.train()
-    for enc in (c.text_encoder, c.text_encoder_2):
-        enc.train(lo.text_encoder)
 
     # What stays on the GPU while training: the UNet; the VAE and the text encoders only where
     # they run at every step (no cache; text encoders when they train).

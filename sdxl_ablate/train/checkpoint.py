@@ -261,6 +261,7 @@ def set_rng_state(state: dict[str, Any], generator: torch.Generator, rng: random
 
 def capture(ts) -> dict[str, Any]:
     """The state of the loop after `ts.step` optimizer steps (ts: train.TrainState)."""
+    ts.timer.settle()  # the step times still measured on the GPU (a checkpoint waits for it anyway)
     r = ts.result
     return {
         "step": ts.step,
