@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sdxl_ablate.perf import bench
-from sdxl_ablate.perf.plan import compose
+from sdxl_ablate.train.plan import compose
 
 
 @pytest.mark.parametrize("name", list(bench.CONFIGS))

@@ -18,7 +18,6 @@ from sdxl_ablate.export.lora_export import (
     kohya_filename,
     main,
     to_kohya,
-    write_diffusers,
     write_kohya,
 )
 from sdxl_ablate.model.lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, load_lora, save_lora, saved_configs

@@ -1,6 +1,6 @@
 """Dtypes by name, and which dtype each SDXL component is stored in: the one place that says so.
 
-Training, the shared base (basecache), the dry run (perf/plan), evaluation and the export all
+Training, the shared base (basecache), the dry run (train/plan), evaluation and the export all
 ask here, so a rule such as "the VAE stays fp32" cannot drift between them.
 """
 

@@ -180,7 +180,7 @@ def predict(overrides: list[str]) -> dict:
     """The dry run for a configuration (runs in a worker process, on the CPU)."""
     with contextlib.suppress(Exception):
         os.nice(10)  # the benchmark's own process launches the kernels
-    from sdxl_ablate.perf.plan import compose, simulate_step
+    from sdxl_ablate.train.plan import compose, simulate_step
 
     sim = simulate_step(compose(overrides))
     return {"flops": sim.flops, "model_flops": sim.model_flops, "trainable": sim.trainable["total"],
@@ -196,7 +196,7 @@ def run_one(name: str, overrides: list[str], device, warmup: int, steps: int) ->
     from sdxl_ablate.config import ModelKind
     from sdxl_ablate.train.memory import GIB as _GIB, MemoryGuard, is_oom
     from sdxl_ablate.model.sdxl import build_sdxl_random, build_tiny
-    from sdxl_ablate.perf.plan import compose
+    from sdxl_ablate.train.plan import compose
     from sdxl_ablate.model.precision import compute_dtype
     from sdxl_ablate.train.loop import Hooks, train
 
@@ -252,7 +252,7 @@ def run_one(name: str, overrides: list[str], device, warmup: int, steps: int) ->
 
 def describe(name: str, overrides: list[str]) -> dict:
     from sdxl_ablate.config.identity import adapter
-    from sdxl_ablate.perf.plan import compose
+    from sdxl_ablate.train.plan import compose
 
     cfg = compose(overrides)
     t = cfg.trainer
@@ -315,7 +315,7 @@ def predict_into(path: Path) -> int:
     benchmark for the host)."""
     import multiprocessing
 
-    from sdxl_ablate.perf.plan import predict_reserved_gib
+    from sdxl_ablate.train.plan import predict_reserved_gib
 
     doc = json.loads(path.read_text())
     records = doc["records"]

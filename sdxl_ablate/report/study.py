@@ -429,7 +429,6 @@ def table_rows(a: Analysis) -> list[list[str]]:
     """The people's table: the base model first, then the variants in rank order."""
     rows = []
     if a.base:
-        s = a.score.base_metric and a.base.get(a.score.base_metric)
         def mean(m: Optional[str]) -> str:  # the same model, prompts and seeds in every run: no spread
             return fmt(a.base[m].mean) if m in a.base else ""
 

@@ -37,7 +37,8 @@ from typing import Any, Callable
 
 from mlflow.tracking import MlflowClient
 
-from sdxl_ablate.train.checkpoint import (META, Checkpointer, NoCheckpoints, ConfigMismatch, atomic_write_json,
+from sdxl_ablate.track.files import atomic_write_json
+from sdxl_ablate.train.checkpoint import (META, Checkpointer, NoCheckpoints, ConfigMismatch,
                          config_differences, latest_valid, list_checkpoints, verify)
 from sdxl_ablate.config import Config, config_hash, hashed_items
 from sdxl_ablate.track.limits import param_value

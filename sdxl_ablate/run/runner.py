@@ -32,7 +32,7 @@ from sdxl_ablate.train.memory import MemoryGuard, configure_allocator, is_oom
 from sdxl_ablate.model.sdxl import load_components
 from sdxl_ablate.run.phases import Phases
 from sdxl_ablate.model.placement import place
-from sdxl_ablate.perf.plan import predicted_fit
+from sdxl_ablate.train.plan import predicted_fit
 from sdxl_ablate.run.pickup import Plan, VariantBusy, data_parallel_plan, plan_variant
 from sdxl_ablate.run.progress import job_label
 from sdxl_ablate.evaluate.samples import training_hooks
@@ -93,7 +93,7 @@ def run(cfg: Config, run_name: str, output_dir: Path, sweep: Optional[SweepInfo]
 
 
 def log_predicted_fit(tracker, cfg: Config, device: torch.device) -> None:
-    """The dry run's word on this variant (perf/plan.py), logged before training to hold against
+    """The dry run's word on this variant (train/plan.py), logged before training to hold against
     the measured peak. Advisory: a prediction that fails is a warning, never the variant's end."""
     try:
         predicted = predicted_fit(cfg, device)

@@ -20,7 +20,7 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from sdxl_ablate.train.checkpoint import atomic_write_json
+from sdxl_ablate.track.files import atomic_write_json
 from sdxl_ablate.track.journal import JOURNAL_DIR, journal_path
 from sdxl_ablate.track.limits import batches
 from sdxl_ablate.track.tracker import get_or_create_experiment

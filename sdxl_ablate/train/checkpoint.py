@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from sdxl_ablate.track.files import fsync_path, write_json_durably
+
 log = logging.getLogger(__name__)
 
 TENSORS = "state.safetensors"
@@ -99,30 +101,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json(path: Path, data: Any) -> None:
-    with open(path, "w") as f:
-        json.dump(data, f, sort_keys=True)  # floats round-trip exactly (repr); nan/inf allowed
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    """Write-then-rename: readers see the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    _write_json(tmp, data)
-    os.replace(tmp, path)
-    _fsync(path.parent)
-
-
 # --------------------------------------------------------------------------- files
 def step_of(path: Path) -> int:
     m = _NAME.match(path.name)
@@ -180,13 +158,13 @@ def write_checkpoint(directory: Path, step: int, state: dict[str, Any], keep: in
         tensors: dict[str, torch.Tensor] = {}
         meta = {"format": FORMAT_VERSION, "step": step, "state": pack(state, tensors)}
         save_file(tensors, str(tmp / TENSORS))
-        _fsync(tmp / TENSORS)
-        _write_json(tmp / META, meta)
+        fsync_path(tmp / TENSORS)
+        write_json_durably(tmp / META, meta)
         files = {name: {"sha256": _sha256(tmp / name), "size": (tmp / name).stat().st_size} for name in (TENSORS, META)}
-        _write_json(tmp / MANIFEST, {"format": FORMAT_VERSION, "step": step, "files": files})
-        _fsync(tmp)
+        write_json_durably(tmp / MANIFEST, {"format": FORMAT_VERSION, "step": step, "files": files})
+        fsync_path(tmp)
         os.rename(tmp, final)  # the moment the checkpoint exists: all of it or none
-        _fsync(directory)
+        fsync_path(directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

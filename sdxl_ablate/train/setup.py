@@ -1,7 +1,7 @@
 """Everything the loop needs before its first step: the model with the variant's adapters and
 the trainer's speed and memory switches, the optimizer, its schedule and the loss scaler.
 
-`configure` is also what the dry run (perf/plan.py) applies on the meta device, so the two
+`configure` is also what the dry run (train/plan.py) applies on the meta device, so the two
 cannot disagree about which switches a variant has."""
 
 from __future__ import annotations

@@ -42,7 +42,6 @@ import json
 import sys
 import weakref
 from dataclasses import dataclass
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Sequence
 
@@ -52,7 +51,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-from sdxl_ablate.config import CONF_DIR, BaseWeights, Config, ConfigError, ModelKind, Optimizer, Precision, register_configs, to_typed
+from sdxl_ablate.config import CONF_DIR, BaseWeights, Config, ConfigError, ModelKind, Optimizer, register_configs, to_typed
 from sdxl_ablate.config.identity import adapter
 
 GIB = 1024**3
