@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdxl_ablate.perf import plan
+from sdxl_ablate.train import plan
 from sdxl_ablate.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
