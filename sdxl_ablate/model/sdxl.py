@@ -17,7 +17,6 @@ import gzip
 import importlib.util
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -36,6 +35,7 @@ from huggingface_hub.errors import HFValidationError
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from sdxl_ablate.config import ModelConfig, ModelKind, cache_root
+from sdxl_ablate.track.files import atomic_write_text
 
 # --- stabilityai/stable-diffusion-xl-base-1.0: the published config.json values --------------
 
@@ -376,41 +376,52 @@ def build_unet(
     return unet.eval().requires_grad_(False)
 
 
-def build_tiny(seed: int = 0) -> SDXLComponents:
-    """The SDXL architecture at toy size with random weights, identical for the same seed."""
-    # fork_rng: a fixed seed here must not reset the caller's global random stream.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet = build_unet("tiny")
-        vae = AutoencoderKL(**_TINY_VAE_CONFIG)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**_TINY_TEXT_ENCODER_CONFIG))
-        text_encoder_2 = CLIPTextModelWithProjection(
-            CLIPTextConfig(**_TINY_TEXT_ENCODER_CONFIG)
-        )
-    return _assemble(unet, vae, text_encoder, text_encoder_2)
+# Per architecture: the VAE's and the two text encoders' configs (the UNet's: build_unet).
+_ARCHITECTURES = {
+    "tiny": (_TINY_VAE_CONFIG, _TINY_TEXT_ENCODER_CONFIG, _TINY_TEXT_ENCODER_CONFIG),
+    "sdxl": (SDXL_VAE_CONFIG, SDXL_TEXT_ENCODER_CONFIG, SDXL_TEXT_ENCODER_2_CONFIG),
+}
 
 
-def build_sdxl_random(
+def build_components(
+    kind: str,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     with_text_encoders: bool = True,
     with_vae: bool = True,
     vae_dtype: torch.dtype | None = None,
 ) -> SDXLComponents:
-    """The full-size SDXL-base architecture with random weights (no download), built in place;
-    the VAE in `vae_dtype` (default `dtype`), e.g. fp32 beside a bf16 UNet."""
-    unet = build_unet("sdxl", device, dtype)
+    """The SDXL architecture ("tiny" or full-size "sdxl") with random weights, built in place on
+    `device` (the meta device: shapes only, no memory); the VAE in `vae_dtype` (default
+    `dtype`), e.g. fp32 beside a bf16 UNet. Modules are made in the order unet, VAE, text
+    encoders, so a seeded caller gets the same weights every time."""
+    if kind not in _ARCHITECTURES:
+        raise ValueError(f"architecture {kind!r}: must be one of {sorted(_ARCHITECTURES)}")
+    vae_config, te_config, te2_config = _ARCHITECTURES[kind]
+    unet = build_unet(kind, device, dtype)
     vae = text_encoder = text_encoder_2 = None
     if with_vae:
         with _build_on(device, vae_dtype or dtype):
-            vae = AutoencoderKL(**SDXL_VAE_CONFIG)
+            vae = AutoencoderKL(**vae_config)
     with _build_on(device, dtype):
         if with_text_encoders:
-            text_encoder = CLIPTextModel(CLIPTextConfig(**SDXL_TEXT_ENCODER_CONFIG))
-            text_encoder_2 = CLIPTextModelWithProjection(
-                CLIPTextConfig(**SDXL_TEXT_ENCODER_2_CONFIG)
-            )
+            text_encoder = CLIPTextModel(CLIPTextConfig(**te_config))
+            text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**te2_config))
     return _assemble(unet, vae, text_encoder, text_encoder_2)
+
+
+def build_tiny(seed: int = 0) -> SDXLComponents:
+    """The SDXL architecture at toy size with random weights, identical for the same seed."""
+    # fork_rng: a fixed seed here must not reset the caller's global random stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_components("tiny")
+
+
+def build_sdxl_random(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                      **kwargs) -> SDXLComponents:
+    """The full-size SDXL-base architecture with random weights (no download), built in place."""
+    return build_components("sdxl", device, dtype, **kwargs)
 
 
 # --- the offline CLIP tokenizer ---------------------------------------------------------------
@@ -428,19 +439,6 @@ def _bytes_to_unicode() -> dict[int, str]:
             cs.append(256 + n)
             n += 1
     return dict(zip(bs, map(chr, cs)))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    # A temporary file in the same directory, then a rename: a concurrent reader sees either
-    # nothing or the whole file, and two writers of the same content cannot clash.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _clip_bpe_files() -> tuple[Path, Path]:
@@ -462,8 +460,8 @@ def _clip_bpe_files() -> tuple[Path, Path]:
     vocab += [_BOS, _EOS]
     folder.mkdir(parents=True, exist_ok=True)
     ids = {token: i for i, token in enumerate(vocab)}
-    _write_atomic(vocab_file, json.dumps(ids, ensure_ascii=False))
-    _write_atomic(merges_file, "#version: 0.2\n" + "\n".join(merges) + "\n")
+    atomic_write_text(vocab_file, json.dumps(ids, ensure_ascii=False))
+    atomic_write_text(merges_file, "#version: 0.2\n" + "\n".join(merges) + "\n")
     return vocab_file, merges_file
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +29,22 @@ def write_json_durably(path: Path, data: Any) -> None:
         os.fsync(f.fileno())
 
 
-def atomic_write_json(path: Path, data: Any) -> None:
-    """Write-then-rename: readers see the old file or the new one, never half of one."""
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write-then-rename: readers see the old file or the new one, never half of one, and two
+    processes writing the same file at once cannot clash (each writes its own temporary file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write_json_durably(tmp, data)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     fsync_path(path.parent)
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, sort_keys=True))  # floats round-trip exactly (repr)

@@ -108,29 +108,13 @@ def architecture(cfg: Config) -> str:
 
 def build_meta(cfg: Config, dtype: torch.dtype = torch.float32) -> SimpleNamespace:
     """The variant's components as shapes only (meta device), with its adapters attached."""
-    from diffusers import AutoencoderKL, DDPMScheduler
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    from sdxl_ablate.model import sdxl as models
     from sdxl_ablate.model.lora import add_adapters
+    from sdxl_ablate.model.sdxl import build_components
 
-    arch = architecture(cfg)
-    te1, te2, vae = {
-        "tiny": (models._TINY_TEXT_ENCODER_CONFIG, models._TINY_TEXT_ENCODER_CONFIG, models._TINY_VAE_CONFIG),
-        "sdxl": (models.SDXL_TEXT_ENCODER_CONFIG, models.SDXL_TEXT_ENCODER_2_CONFIG, models.SDXL_VAE_CONFIG),
-    }[arch]
-    with models._build_on("meta", dtype):
-        c = SimpleNamespace(
-            unet=models.build_unet(arch, "meta", dtype),
-            vae=AutoencoderKL(**vae),
-            text_encoder=CLIPTextModel(CLIPTextConfig(**te1)),
-            text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**te2)),
-            tokenizer=_Tokenizer(),
-            tokenizer_2=_Tokenizer(),
-            noise_scheduler=DDPMScheduler.from_config(models.SDXL_SCHEDULER_CONFIG),
-        )
-    for m in (c.unet, c.vae, c.text_encoder, c.text_encoder_2):
-        m.eval().requires_grad_(False)
+    # The variant's own architecture, frozen, in no memory; the stand-in tokenizers give the
+    # text encoders their fixed 77-token input without the vocabulary files.
+    c = SimpleNamespace(**vars(build_components(architecture(cfg), "meta", dtype)))
+    c.tokenizer = c.tokenizer_2 = _Tokenizer()
     c.base_params = {n: _numel(getattr(c, n)) for n in ("unet", "text_encoder", "text_encoder_2", "vae")}
     c.trainable = add_adapters(c, cfg.lora)
     return c
