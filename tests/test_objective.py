@@ -8,11 +8,12 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from sdxl_ablate.config import Config, TrainerConfig
+from sdxl_ablate.config import Config, Precision, TrainerConfig
 from sdxl_ablate.model.sdxl import SDXL_SCHEDULER_CONFIG, build_tiny
 from sdxl_ablate.data.precompute import encode_images, encode_prompts, sample_latents
 from sdxl_ablate.train.loop import batches, total_steps
-from sdxl_ablate.train.objective import diffusion_loss
+from sdxl_ablate.evaluate.scores import HeldoutSet, heldout_loss
+from sdxl_ablate.train.objective import denoising_loss, diffusion_loss
 
 
 class EchoUNet(torch.nn.Module):
@@ -61,6 +62,26 @@ def test_min_snr_gamma_weighting():
     snr = abar / (1 - abar)
     weight = torch.minimum(snr, torch.full_like(snr, 5.0)) / snr
     torch.testing.assert_close(loss, (noise.pow(2).mean(dim=(1, 2, 3)) * weight).mean())
+
+
+def test_the_heldout_loss_is_the_training_loss_pair_by_pair():
+    """evaluate's held-out loss and training's objective are one rule (train/objective.py):
+    each (image, timestep) pair's held-out value is the training loss of that one sample."""
+    c = build_tiny()
+    cfg = Config(trainer=TrainerConfig(batch_size=2, channels_last=False, precision=Precision.fp32))
+    g = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 3, 4, 8, 8, generator=g)
+    hs = HeldoutSet(latents, ["a cat", "a dog"], torch.tensor([[64, 64, 0, 0, 64, 64]] * 2),
+                    torch.tensor([100, 500, 900]), noise)
+    with torch.no_grad():
+        got = heldout_loss(c, hs, cfg, torch.device("cpu"))
+        embeds, pooled = encode_prompts(c.text_encoder, c.text_encoder_2, c.tokenizer, c.tokenizer_2, hs.captions)
+        for i in range(2):
+            for j in range(3):
+                one = denoising_loss(c.unet, c.noise_scheduler, latents[i:i + 1], noise[i, j:j + 1],
+                                     hs.timesteps[j:j + 1], embeds[i:i + 1], pooled[i:i + 1],
+                                     hs.time_ids[i:i + 1].float(), cfg)
+                torch.testing.assert_close(got[i * 3 + j], one, rtol=1e-4, atol=1e-6)
 
 
 def test_unknown_prediction_type_is_an_error():

@@ -36,7 +36,7 @@ from sdxl_ablate.train.memory import dequantize_base_weights
 from sdxl_ablate.model.placement import place
 from sdxl_ablate.data.precompute import encode_images, encode_prompts, prepare_example
 from sdxl_ablate.model.precision import compute_dtype, vae_dtype
-from sdxl_ablate.train.objective import target_for
+from sdxl_ablate.train.objective import per_sample_loss
 from sdxl_ablate.evaluate.grid import make_grid
 from sdxl_ablate.evaluate.headline import lift
 
@@ -185,12 +185,11 @@ def heldout_loss(components, hs: HeldoutSet, cfg: Config, device: torch.device) 
             latents = hs.latents[img].to(device)
             noise = hs.noise[img, step].to(device)
             steps = hs.timesteps[step].to(device)
-            noisy = c.noise_scheduler.add_noise(latents, noise, steps).to(dtype)  # as in training
             on_device = img.to(device)
-            cond = {"text_embeds": pooled[on_device], "time_ids": hs.time_ids[img].to(device, dtype)}
-            pred = c.unet(noisy, steps, embeds[on_device], added_cond_kwargs=cond).sample
-            target = target_for(c.noise_scheduler, latents, noise, steps)
-            losses.append(F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3)).cpu())
+            # Training's loss, unweighted, with the noisy latents in the training precision.
+            losses.append(per_sample_loss(c.unet, c.noise_scheduler, latents, noise, steps, embeds[on_device],
+                                          pooled[on_device], hs.time_ids[img].to(device, dtype),
+                                          input_dtype=dtype).cpu())
     return torch.cat(losses)
 
 

@@ -47,21 +47,32 @@ def diffusion_loss(unet, scheduler, latents, embeds, pooled, time_ids, cfg: Conf
     return denoising_loss(unet, scheduler, latents, noise, steps, embeds, pooled, time_ids, cfg)
 
 
-def denoising_loss(unet, scheduler, latents, noise, steps, embeds, pooled, time_ids, cfg: Config) -> torch.Tensor:
-    """The loss for given noise and timesteps (no randomness inside: a CUDA graph can hold it)."""
-    t = cfg.trainer
+def per_sample_loss(unet, scheduler, latents, noise, steps, embeds, pooled, time_ids, channels_last: bool = False,
+                    input_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Each sample's denoising MSE (fp32, shape [batch]) against the epsilon or v target, for
+    given noise and timesteps (no randomness inside: a CUDA graph can hold it). Training weights
+    and averages it (`denoising_loss`); the held-out evaluation reports it pair by pair.
+    `input_dtype`: the dtype the noisy latents enter the UNet in, where they are not in it yet."""
     noisy = scheduler.add_noise(latents, noise, steps)
-    if t.channels_last and noisy.is_cuda:
+    if input_dtype is not None:
+        noisy = noisy.to(input_dtype)
+    if channels_last and noisy.is_cuda:
         noisy = noisy.contiguous(memory_format=torch.channels_last)
     pred = unet(noisy, steps, embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
     target = target_for(scheduler, latents, noise, steps)
-    prediction = scheduler.config.prediction_type
+    return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+
+
+def denoising_loss(unet, scheduler, latents, noise, steps, embeds, pooled, time_ids, cfg: Config) -> torch.Tensor:
+    """The training objective: the per-sample loss, averaged, or weighted by min-SNR-gamma."""
+    t = cfg.trainer
+    per_sample = per_sample_loss(unet, scheduler, latents, noise, steps, embeds, pooled, time_ids, t.channels_last)
     if t.snr_gamma is None:
-        return F.mse_loss(pred.float(), target.float())
+        return per_sample.mean()
     # Min-SNR-gamma (Hang et al. 2023): down-weight the easy, low-noise timesteps.
     snr = compute_snr(scheduler, steps)
+    prediction = scheduler.config.prediction_type
     weight = torch.clamp(snr, max=t.snr_gamma) / (snr + 1 if prediction == "v_prediction" else snr)
-    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     return (per_sample * weight).mean()
 
 
