@@ -15,7 +15,7 @@ import logging
 import traceback
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -106,15 +106,14 @@ def log_predicted_fit(tracker, cfg: Config, device: torch.device) -> None:
 
 def run_planned(cfg: Config, run_name: str, output_dir: Path, plan: Plan, sweep: SweepInfo,
                 ddp: Optional[distributed.Ddp] = None) -> float | None:
+    """The variant's stages in order, each below: record the run, claim a device, load the data
+    and the base, train, record the training, save and evaluate, finish. Any exception ends the
+    variant with its status (oom or failed); the base is restored and the phases written either way."""
     phases = Phases()  # where the variant's time goes: time/* metrics and phases.json
     configure_allocator(cfg.memory.expandable_segments)
     main_rank = ddp is None or ddp.is_main
-    # MLflow, or the run's own journal when MLflow fails: training never stops for tracking.
-    # Under torchrun rank 0 alone owns the run; the other ranks log nothing.
     with phases("logging"):
-        tracker = (JournalingTracker(cfg.tracking, cfg.study, run_name, output_dir,
-                                     tags={**variant_tags(cfg), **sweep.tags(), **plan.tags}, run_id=plan.run_id)
-                   if main_rank else distributed.NullTracker())
+        tracker = open_tracker(cfg, run_name, output_dir, plan, sweep, main_rank)
     with tracker, contextlib.ExitStack() as held:
         phases.instrument(tracker)
         if main_rank:
@@ -124,82 +123,32 @@ def run_planned(cfg: Config, run_name: str, output_dir: Path, plan: Plan, sweep:
         tracker.set_tags({"output_dir": str(output_dir)})
         components, guard, device = None, None, None
         try:
-            # A GPU of its own for this job (devices.py); under torchrun, its rank's GPU.
-            claim = held.enter_context(acquire_device(cfg.device, gpu_required_by_launcher(),
-                                                      local_rank=ddp.local_rank if ddp else None))
-            device = claim.device
-            distributed.setup(device)
-            tracker.set_tags({"device": device_tag(device), **claim.tags(),
-                              **({"ddp.world_size": str(ddp.world)} if ddp else {})})
-            guard = MemoryGuard(cfg.memory.budget_gib, device, cfg.memory.enforce)
-            guard.start()
+            device, guard = claim_device(cfg, ddp, held, tracker)
             if main_rank:
                 log_predicted_fit(tracker, cfg, device)
             # Under torchrun: the fullest GPU's numbers.
             memory_stats = guard.peak if ddp is None else lambda: ddp.max_over_ranks(guard.peak())
             with phases("data"):
                 data = load_data(cfg.data)
-            tracker.log_metrics({"data/train_images": len(data.train), "data/heldout_images": len(data.heldout),
-                                 "data/skipped_images": len(data.skipped)})
-            if data.skipped:
-                tracker.log_text("\n".join(data.skipped), "data/skipped_images.txt")
+            record_data(tracker, data)
             with phases("model_setup"):
                 components = acquire(cfg, device)  # the sweep's loaded base, or a fresh one
-            precompute_peak: dict[str, float] = {}
-            mark_loop_start = phases.mark("loop_start")
-
             hooks = training_hooks(components, cfg, device, len(data.train), tracker, job_label(run_name))
-            sample_base = hooks.loop_start  # the base model's sample images at step 0, if asked for
-
-            def training_starts() -> None:
-                sample_base()
-                # Setup and input caching are one phase, training the next: the training peak
-                # must not depend on whether the latent cache was cold (first variant) or warm.
-                precompute_peak.update(guard.peak("memory/precompute_peak"))
-                tracker.log_metrics(precompute_peak)
-                guard.reset_peak()
-                tracker.log_metrics(guard.current("memory/train_start"))  # the live memory training starts from
-                mark_loop_start()
-
+            precompute_peak: dict[str, float] = {}
             checkpointer = plan.checkpointer(cfg)
             with phases("train_other"):
+                loop_start = training_starts(hooks.loop_start, guard, tracker, precompute_peak,
+                                             phases.mark("loop_start"))
                 result = train(components, data, cfg, device, plan.metrics_logger(tracker.log_metrics), memory_stats,
-                               hooks=replace(hooks, loop_start=training_starts), checkpointer=checkpointer)
+                               hooks=replace(hooks, loop_start=loop_start), checkpointer=checkpointer)
             phases.split_training(result)
-            if checkpointer.failures:
-                tracker.set_tags({"checkpoint.errors": " | ".join(checkpointer.failures)})
-            peak = memory_stats()
-            tracker.log_metrics({
-                **peak,
-                **guard.headroom(peak, precompute_peak),
-                "train/final_loss": result.final_loss,
-                "train/steps": result.steps,
-                "train/nonfinite_steps": result.nonfinite_steps,
-                "perf/step_time_s": result.step_time,
-                "perf/images_per_s": result.images_per_s,
-            })
+            peak = record_training(tracker, cfg, result, checkpointer, guard, memory_stats(), precompute_peak)
             if result.status != "ok":
-                tracker.set_status(result.status, error=f"{result.nonfinite_steps} non-finite losses, "
-                                   f"{cfg.trainer.max_nonfinite_in_row} in a row")
                 return None
-            no_effect = no_effect_reason(cfg, components, {})
-            eval_metrics: dict[str, float] = {}
-            if cfg.trainer.save_lora and main_rank:
-                with phases("saving"):
-                    lora_file = save_lora(components, output_dir / "lora")
-                if cfg.tracking.log_weights:
-                    tracker.log_artifact(lora_file, "lora")
-                    log_kohya(tracker, lora_file, run_name, components.unet.config, cfg.data.resolution)
-                if cfg.eval.enabled:
-                    with phases("evaluation"):
-                        eval_metrics = evaluate_variant(components, lora_file, data, cfg, device, tracker, output_dir,
-                                                        label=hooks.label)
-            if not (cfg.trainer.save_lora and cfg.eval.enabled):
-                tracker.set_tags({"eval_status": "off"})
-            no_effect = no_effect or no_effect_reason(cfg, components, eval_metrics)
-            if no_effect:
-                tracker.set_tags({"no_effect": "true", "no_effect_reason": no_effect})
-                log.warning("variant %s: no effect: %s", run_name, no_effect)
+            untrained = no_effect_reason(cfg, components, {})  # judged on the adapters as trained
+            eval_metrics = save_and_evaluate(components, data, cfg, device, tracker, output_dir, run_name, phases,
+                                             hooks.label) if main_rank else {}
+            record_no_effect(tracker, untrained or no_effect_reason(cfg, components, eval_metrics), run_name)
             log_summary(tracker)  # ablation/*: the headline numbers, from what was logged above
             tracker.set_status("ok")
             plan.finished(tracker.run_id, result.final_loss, output_dir)
@@ -208,12 +157,7 @@ def run_planned(cfg: Config, run_name: str, output_dir: Path, plan: Plan, sweep:
         except Exception as err:  # noqa: BLE001 - a failing variant must never stop the sweep
             if ddp is not None and not ddp.is_main:
                 raise  # torchrun then stops every rank; rank 0 records the failure (distributed.py)
-            status = "oom" if is_oom(err) else "failed"
-            if guard is not None:
-                tracker.log_metrics(guard.peak())
-            tracker.set_status(status, error=f"{type(err).__name__}: {err}")
-            tracker.log_text(traceback.format_exc(), "error.txt")
-            log.error("variant %s: %s: %s: %s", run_name, status, type(err).__name__, err)
+            record_failure(tracker, guard, err, run_name)
             return None
         finally:
             with phases("teardown"):
@@ -224,6 +168,107 @@ def run_planned(cfg: Config, run_name: str, output_dir: Path, plan: Plan, sweep:
             tracker.log_metrics(phases.metrics())
             phases.write(output_dir, run_name=run_name, run_id=tracker.run_id, status=tracker.status,
                          device=str(device), base=last_use())
+
+
+def open_tracker(cfg: Config, run_name: str, output_dir: Path, plan: Plan, sweep: SweepInfo, main_rank: bool):
+    """MLflow, or the run's own journal when MLflow fails: training never stops for tracking.
+    Under torchrun rank 0 alone owns the run; the other ranks log nothing."""
+    if not main_rank:
+        return distributed.NullTracker()
+    return JournalingTracker(cfg.tracking, cfg.study, run_name, output_dir,
+                             tags={**variant_tags(cfg), **sweep.tags(), **plan.tags}, run_id=plan.run_id)
+
+
+def claim_device(cfg: Config, ddp: Optional[distributed.Ddp], held: contextlib.ExitStack,
+                 tracker) -> tuple[torch.device, MemoryGuard]:
+    """A GPU of its own for this job (devices.py; under torchrun, its rank's GPU), and the memory
+    guard started on it."""
+    claim = held.enter_context(acquire_device(cfg.device, gpu_required_by_launcher(),
+                                              local_rank=ddp.local_rank if ddp else None))
+    distributed.setup(claim.device)
+    tracker.set_tags({"device": device_tag(claim.device), **claim.tags(),
+                      **({"ddp.world_size": str(ddp.world)} if ddp else {})})
+    guard = MemoryGuard(cfg.memory.budget_gib, claim.device, cfg.memory.enforce)
+    guard.start()
+    return claim.device, guard
+
+
+def record_data(tracker, data) -> None:
+    tracker.log_metrics({"data/train_images": len(data.train), "data/heldout_images": len(data.heldout),
+                         "data/skipped_images": len(data.skipped)})
+    if data.skipped:
+        tracker.log_text("\n".join(data.skipped), "data/skipped_images.txt")
+
+
+def training_starts(sample_base: Callable[[], None], guard: MemoryGuard, tracker, precompute_peak: dict[str, float],
+                    mark_loop_start: Callable[[], None]) -> Callable[[], None]:
+    """What happens just before the first step: the base model's sample images (if asked for),
+    then the memory phase changes. Setup and input caching are one phase, training the next: the
+    training peak must not depend on whether the latent cache was cold (first variant) or warm."""
+
+    def starts() -> None:
+        sample_base()
+        precompute_peak.update(guard.peak("memory/precompute_peak"))
+        tracker.log_metrics(precompute_peak)
+        guard.reset_peak()
+        tracker.log_metrics(guard.current("memory/train_start"))  # the live memory training starts from
+        mark_loop_start()
+
+    return starts
+
+
+def record_training(tracker, cfg: Config, result, checkpointer, guard: MemoryGuard, peak: dict[str, float],
+                    precompute_peak: dict[str, float]) -> dict[str, float]:
+    """The training's numbers, and its status when it did not end ok; returns the peak."""
+    if checkpointer.failures:
+        tracker.set_tags({"checkpoint.errors": " | ".join(checkpointer.failures)})
+    tracker.log_metrics({
+        **peak,
+        **guard.headroom(peak, precompute_peak),
+        "train/final_loss": result.final_loss,
+        "train/steps": result.steps,
+        "train/nonfinite_steps": result.nonfinite_steps,
+        "perf/step_time_s": result.step_time,
+        "perf/images_per_s": result.images_per_s,
+    })
+    if result.status != "ok":
+        tracker.set_status(result.status, error=f"{result.nonfinite_steps} non-finite losses, "
+                           f"{cfg.trainer.max_nonfinite_in_row} in a row")
+    return peak
+
+
+def save_and_evaluate(components, data, cfg: Config, device: torch.device, tracker, output_dir: Path, run_name: str,
+                      phases: Phases, label: str) -> dict[str, float]:
+    """The LoRA file (and its kohya export) into the run, then the evaluation; its metrics."""
+    eval_metrics: dict[str, float] = {}
+    if cfg.trainer.save_lora:
+        with phases("saving"):
+            lora_file = save_lora(components, output_dir / "lora")
+        if cfg.tracking.log_weights:
+            tracker.log_artifact(lora_file, "lora")
+            log_kohya(tracker, lora_file, run_name, components.unet.config, cfg.data.resolution)
+        if cfg.eval.enabled:
+            with phases("evaluation"):
+                eval_metrics = evaluate_variant(components, lora_file, data, cfg, device, tracker, output_dir,
+                                                label=label)
+    if not (cfg.trainer.save_lora and cfg.eval.enabled):
+        tracker.set_tags({"eval_status": "off"})
+    return eval_metrics
+
+
+def record_no_effect(tracker, no_effect: Optional[str], run_name: str) -> None:
+    if no_effect:
+        tracker.set_tags({"no_effect": "true", "no_effect_reason": no_effect})
+        log.warning("variant %s: no effect: %s", run_name, no_effect)
+
+
+def record_failure(tracker, guard: Optional[MemoryGuard], err: Exception, run_name: str) -> None:
+    status = "oom" if is_oom(err) else "failed"
+    if guard is not None:
+        tracker.log_metrics(guard.peak())
+    tracker.set_status(status, error=f"{type(err).__name__}: {err}")
+    tracker.log_text(traceback.format_exc(), "error.txt")
+    log.error("variant %s: %s: %s: %s", run_name, status, type(err).__name__, err)
 
 
 def evaluate_variant(components, lora_file: Path, data, cfg: Config, device: torch.device, tracker: Tracker,
