@@ -13,8 +13,10 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from sdxl_ablate.evaluate.grid import grid_layout
-from sdxl_ablate.report.study import (ReportError, RunRecord, Stat, analyse, main, pareto_set, select_runs, table_rows,
-                                verdict, within_noise, SCORES)
+from sdxl_ablate.report.analysis import SCORES, Stat, analyse, pareto_set, within_noise
+from sdxl_ablate.report.runs import ReportError, RunRecord, select_runs
+from sdxl_ablate.report.study import main
+from sdxl_ablate.report.tables import table_rows, verdict
 
 
 def rec(name, run_id, *, seed=0, sweep="s1", status="ok", t=0, kind=None, params=None, **metrics) -> RunRecord:

@@ -189,7 +189,7 @@ def expected_runs(uri: str, study: str) -> tuple[Expected, list[str]]:
     """The sweep's variant runs from the store, and the problems found there."""
     from mlflow.tracking import MlflowClient
 
-    from sdxl_ablate.report.study import ReportError, read_runs, select_runs
+    from sdxl_ablate.report.runs import ReportError, read_runs, select_runs
 
     client = MlflowClient(uri)
     try:
