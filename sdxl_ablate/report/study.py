@@ -24,8 +24,7 @@ a variant: every reader here (and the documented MLflow filter `tags.kind = 'var
 leaves it out. `--no-log` writes the files only.
 
 `runs.read_runs` does all the MLflow reading; everything from the run records on (analysis.py,
-tables.py, figures.py) is pure, so
-tests need no tracking server.
+tables.py, figures.py) is pure, so tests need no tracking server.
 """
 
 from __future__ import annotations
