@@ -8,6 +8,7 @@ a cached run sees the same distribution as a live one: the cache keeps the VAE p
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import json
 import logging
@@ -165,10 +166,8 @@ def build_cache(cfg: Config, components, examples: list[Example], with_prompts: 
     # Workers of a sweep (or ranks of one run) starting together: the first takes the lock and
     # encodes, the others wait on it and then read its file, so the set is encoded once.
     with FileLock(str(path) + ".lock"):
-        if path.is_file():
-            log.info("latent cache hit: %s", path)
-            cache = load_cache(path)
-        else:
+        cache = _load_checked(path, cfg, examples, with_prompts) if path.is_file() else None
+        if cache is None:
             cache = _encode(cfg, components, examples, with_prompts, embed_dtype, batch_size)
             # Unique across hosts sharing the cache dir (hostname + pid + random), then an
             # atomic rename: no reader ever sees half a file.
@@ -178,6 +177,58 @@ def build_cache(cfg: Config, components, examples: list[Example], with_prompts: 
             log.info("latent cache written: %s (%d images)", path, len(cache.items))
     _MEMORY[key] = cache
     return cache
+
+
+def _load_checked(path: Path, cfg: Config, examples: list[Example], with_prompts: bool) -> LatentCache | None:
+    """The cache file at `path` if it loads and holds what `examples` need; otherwise None,
+    with the file moved aside (kept for inspection, not deleted) so the caller rebuilds it.
+    Called under the cache's lock, so no other worker reads the file while it moves."""
+    try:
+        cache = load_cache(path)
+        problem = cache_problem(cache, cfg, examples, with_prompts)
+    except Exception as e:  # safetensors, json and a missing key each raise their own type
+        problem = f"unreadable: {type(e).__name__}: {e}"
+    if problem is None:
+        log.info("latent cache hit: %s", path)
+        return cache
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    aside = path.with_name(f"{path.name}.bad-{stamp}")
+    path.replace(aside)
+    log.warning("latent cache %s is bad (%s): moved aside to %s and rebuilt", path, problem, aside)
+    return None
+
+
+def cache_problem(cache: LatentCache, cfg: Config, examples: list[Example], with_prompts: bool) -> str | None:
+    """What makes `cache` unfit for `examples` (a count, caption, shape or non-finite value,
+    named by its tensor's key in the file), or None when it fits. A cache is read by every
+    later run of a sweep, so a NaN in it would make every step of every run non-finite."""
+    variants = 2 if cfg.data.flip else 1
+    if len(cache.items) != len(examples):
+        return f"{len(cache.items)} images, expected {len(examples)}"
+    shape = None
+    for i, (ex, item) in enumerate(zip(examples, cache.items)):
+        if len(item) != variants:
+            return f"image {i}: {len(item)} variants, expected {variants}"
+        for j, p in enumerate(item):
+            if p.caption != ex.caption:
+                return f"image {i}: caption {p.caption!r}, expected {ex.caption!r}"
+            shape = shape or tuple(p.mean.shape)
+            for name, t in (("mean", p.mean), ("std", p.std)):
+                if t.dim() != 3 or tuple(t.shape) != shape:
+                    return f"item.{i}.{j}.{name}: shape {tuple(t.shape)}, expected 3-d {shape} like item.0.0.mean"
+                if not torch.isfinite(t).all():
+                    return f"item.{i}.{j}.{name}: non-finite values"
+    if not with_prompts:
+        return None
+    if cache.prompt_embeds is None:
+        return "no prompt embeddings"
+    needed = {ex.caption for ex in examples} | ({""} if cfg.data.caption_dropout > 0 else set())
+    if missing := sorted(needed - set(cache.prompt_embeds)):
+        return f"no prompt embeddings for {len(missing)} prompts, e.g. {missing[0]!r}"
+    for prompt, tensors in cache.prompt_embeds.items():
+        if not all(torch.isfinite(t).all() for t in tensors):
+            return f"prompt embeddings of {prompt!r}: non-finite values"
+    return None
 
 
 def _encode(cfg: Config, components, examples: list[Example], with_prompts: bool, embed_dtype: torch.dtype,
