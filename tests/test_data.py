@@ -1,6 +1,7 @@
 """Tests of sdxl_ablate.data.datasets: sources, skipping of bad images, splits, transforms, caption dropout."""
 
 import json
+import logging
 import os
 import random
 from pathlib import Path
@@ -132,6 +133,46 @@ def test_folder_heldout_skips_corrupt_images_too(tmp_path):
     assert [e.caption for e in data.heldout] == ["caption c.png"]  # last *readable* image
     assert [e.caption for e in data.train] == ["caption a.png", "caption b.png"]
     assert len(data.skipped) == 1 and "d.png" in data.skipped[0]
+
+
+def test_bad_metadata_rows_are_skipped_and_listed_by_line_and_file(tmp_path):
+    root = write_folder(tmp_path / "f", {"a.png": solid("red"), "b.png": solid("blue")})
+    rows = [{"file_name": "a.png", "text": "A"}, {"text": "no file"}, {"file_name": 7, "text": "number"},
+            {"file_name": "gone.png", "text": "missing"}, {"file_name": "b.png", "text": "B"}]
+    (root / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    data = load_data(folder_cfg(root))
+    assert [e.caption for e in data.train] == ["A", "B"]
+    assert len(data.skipped) == 3
+    no_name, not_str, missing = data.skipped
+    assert "metadata.jsonl line 2" in no_name and "no file_name" in no_name
+    assert "metadata.jsonl line 3" in not_str and "file_name 7 is not a string" in not_str
+    assert "metadata.jsonl line 4" in missing and "gone.png" in missing and "no such file" in missing
+
+
+def test_images_the_metadata_does_not_list_are_counted_in_one_warning(tmp_path, caplog):
+    files = {"a.png": solid("red"), "b.png": solid("blue"), "c.png": solid("green"), "d.png": solid("white")}
+    root = write_folder(tmp_path / "f", files)
+    (root / "metadata.jsonl").write_text(json.dumps({"file_name": "b.png", "text": "B"}) + "\n")
+    with caplog.at_level("WARNING", logger="sdxl_ablate.data.datasets"):
+        data = load_data(folder_cfg(root))
+    assert [e.caption for e in data.train] == ["B"] and data.skipped == []
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "3 images are not listed in metadata.jsonl" in warning and "a.png, c.png, d.png" in warning
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I"])
+def test_a_16_bit_grey_image_is_scaled_not_clipped(tmp_path, mode):
+    grey = Image.new(mode, (40, 30), 32768)  # mid-grey of 0..65535
+    name = "g.png" if mode == "I;16" else "g.tif"  # PNG reopens as I;16 only; TIFF keeps the mode
+    root = tmp_path / "f"
+    root.mkdir()
+    grey.save(root / name)
+    assert Image.open(root / name).mode == mode
+    (root / "metadata.jsonl").write_text(json.dumps({"file_name": name, "text": "grey"}) + "\n")
+    data = load_data(folder_cfg(root))
+    assert data.train[0].image.getpixel((0, 0)) == (128, 128, 128)
+    pixels, _, _ = ImageTransform(32, Crop.center, flip=False)(data.train[0].image, random.Random(0))
+    assert torch.allclose(pixels, torch.full_like(pixels, 128 / 255 * 2 - 1), atol=1e-6)  # mid-grey in [-1, 1]
 
 
 @pytest.mark.parametrize("case", ["missing", "file", "no_metadata", "no_images"])

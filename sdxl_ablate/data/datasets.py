@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import datasets
+import numpy as np
+import pyarrow as pa
 import torch
 from datasets.exceptions import DatasetsError
 from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
@@ -237,19 +239,88 @@ def check_folder(path: Path) -> None:
         raise DataError(f"data.path={str(path)!r} has no metadata file with the captions; {needs}")
 
 
-def _load_folder(path: Path, split: str) -> datasets.Dataset:
-    """Checks the folder first, so a typo gives a message naming the path, not a `datasets` trace."""
+def _load_folder(path: Path, split: str, skipped: list[str]) -> datasets.Dataset:
+    """Checks the folder first, so a typo gives a message naming the path, not a `datasets` trace.
+
+    A top-level metadata.jsonl is read here, row by row, so one bad row is skipped and listed
+    in `skipped` (`datasets` would fail the whole folder, or hand on a row without an image);
+    other layouts (csv/parquet metadata, split subfolders) go to `datasets`' imagefolder.
+    """
     check_folder(path)
+    if split == "train" and (path / "metadata.jsonl").is_file():
+        return _read_jsonl_folder(path, skipped)
     try:
         return datasets.load_dataset("imagefolder", data_dir=str(path), split=split)
     except (FileNotFoundError, ValueError, DatasetsError) as e:
         raise DataError(f"data.path={str(path)!r} (split {split!r}): {type(e).__name__}: {e}") from e
 
 
-def _open_image(value: dict[str, Any]) -> Image.Image:
+_METADATA_ROW = '{"file_name": "<image, relative to data.path>", "text": "<caption>"}'
+
+
+def _read_jsonl_folder(path: Path, skipped: list[str]) -> datasets.Dataset:
+    """The rows of `path`/metadata.jsonl whose file_name names an existing file, as a dataset
+    with an undecoded "image" column; each other row is skipped and listed by its line number."""
+    metadata = path / "metadata.jsonl"
+    rows: list[dict[str, Any]] = []
+    for number, text in enumerate(metadata.read_text(encoding="utf-8").splitlines(), start=1):
+        if not text.strip():
+            continue
+        problem = None
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as e:
+            problem = f"not JSON ({e})"
+        else:
+            if not isinstance(row, dict):
+                problem = "not a JSON object"
+            elif "file_name" not in row:
+                problem = "no file_name"
+            elif not isinstance(name := row["file_name"], str):
+                problem = f"file_name {name!r} is not a string"
+            elif not (path / name).is_file():
+                problem = f"file_name {name!r}: no such file {str(path / name)!r}"
+        if problem is not None:
+            line = f"{metadata} line {number} ({text.strip()[:80]}): {problem}; each line is {_METADATA_ROW}"
+            log.warning("skipping metadata row %s", line)
+            skipped.append(line)
+            continue
+        rows.append({"image": {"path": str((path / row.pop("file_name")).resolve()), "bytes": None}, **row})
+    if not rows:
+        raise DataError(f"{metadata}: no usable rows ({len(skipped)} skipped: {skipped[:3]}); each line is {_METADATA_ROW}")
+
+    listed = {r["image"]["path"] for r in rows}
+    unlisted = sorted(str(p.relative_to(path)) for p in path.rglob("*")
+                      if p.is_file() and p.suffix.lower() in ImageFolder.EXTENSIONS
+                      and not any(part.startswith(".") for part in p.relative_to(path).parts)
+                      and str(p.resolve()) not in listed)
+    if unlisted:  # often a forgotten metadata line: say so, once, rather than train on less unnoticed
+        log.warning("%s: %d images are not listed in metadata.jsonl and are not used, e.g. %s",
+                    path, len(unlisted), ", ".join(unlisted[:5]))
+
+    columns = list(dict.fromkeys(k for r in rows for k in r))  # every column, in first-seen order
+    try:
+        return datasets.Dataset.from_dict({c: [r.get(c) for r in rows] for c in columns})
+    except (TypeError, ValueError, pa.ArrowException) as e:
+        raise DataError(f"{metadata}: a column holds values of mixed types ({type(e).__name__}: {e})") from e
+
+
+# 16-bit greyscale modes as PIL opens them (older PILs open a 16-bit PNG as "I"; "I" from a
+# 32-bit TIFF is scaled the same way, its values above 65535 clipped).
+_MODES_16BIT = ("I;16", "I;16B", "I;16L", "I")
+
+
+def _open_image(value: dict[str, Any] | None) -> Image.Image:
     """An undecoded `datasets.Image` value ({"bytes", "path"}) -> RGB image."""
+    if not isinstance(value, dict):
+        raise ValueError(f"no image in this row (got {value!r})")
     raw = value.get("bytes")
     with Image.open(io.BytesIO(raw) if raw is not None else value["path"]) as im:
+        if im.mode in _MODES_16BIT:
+            # PIL's convert("RGB") clips these to 255, turning a 16-bit image near-white:
+            # scale 0..65535 onto 0..255 instead.
+            grey = np.asarray(im, dtype=np.float64) * (255 / 65535)
+            return Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), "L").convert("RGB")
         return im.convert("RGB")  # also forces the full decode inside the `with`
 
 
@@ -259,16 +330,17 @@ def load_data(cfg: DataConfig) -> LoadedData:
     Only the images that end up in `train` or `heldout` are decoded: with `limit`, the images
     between the first `limit` and the held-out tail are never read (and so never reported).
     """
+    skipped: list[str] = []  # bad metadata rows (from the folder reader), then unreadable images
     if cfg.source == DataSource.hub:
         ds, source = _load_hub(cfg), f"hub:{cfg.name}"
     elif cfg.source == DataSource.folder:
         if not cfg.path:
             raise DataError("data.source=folder needs data.path (a folder with images and metadata.jsonl)")
         path = Path(cfg.path).expanduser().resolve()
-        ds, source = _load_folder(path, cfg.split), f"folder:{path}"
+        ds, source = _load_folder(path, cfg.split, skipped), f"folder:{path}"
     else:
         path = make_sample_dataset(sample_dataset_dir(cfg), n=cfg.sample_size, size=cfg.resolution)
-        ds, source = _load_folder(path, "train"), f"sample:{path}"
+        ds, source = _load_folder(path, "train", skipped), f"sample:{path}"
 
     needed = {"data.image_column": cfg.image_column}
     if cfg.instance_prompt is None:
@@ -278,15 +350,14 @@ def load_data(cfg: DataConfig) -> LoadedData:
             raise DataError(f"{key}={column!r} is not a column of {source}; its columns are {ds.column_names}")
     ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
 
-    skipped: list[str] = []
-
     def example(i: int) -> Optional[Example]:
         row = ds[i]
         value = row[cfg.image_column]
         try:
             image = _open_image(value)
         except Exception as e:  # PIL raises many types (OSError, ValueError, SyntaxError, ...) for bad files
-            line = f"row {i} ({value.get('path') or 'embedded bytes'}): {type(e).__name__}: {e}"
+            where = (value.get("path") or "embedded bytes") if isinstance(value, dict) else "no image"
+            line = f"row {i} ({where}): {type(e).__name__}: {e}"
             log.warning("skipping unreadable image %s", line)
             skipped.append(line)
             return None
