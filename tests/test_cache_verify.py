@@ -78,7 +78,7 @@ def test_a_bad_cache_file_is_moved_aside_and_rebuilt(tmp_path, caplog, damage, r
 
 
 def test_a_cache_for_other_examples_is_not_used(tmp_path):
-    """A file whose item count does not match the examples (e.g. copied over by hand) is rebuilt."""
+    """A cache whose image count does not match the examples (e.g. a file copied over by hand) is unfit."""
     cfg = to_typed(compose_config(tiny_overrides(tmp_path)))
     components = build_tiny()
     precompute._MEMORY.clear()
