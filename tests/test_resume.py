@@ -474,3 +474,29 @@ def test_a_config_being_trained_by_a_live_process_is_left_to_it(tmp_path, caplog
 def runs_of_or_none(tmp_path):
     exp = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_experiment_by_name("unit")
     return None if exp is None else runs_of(tmp_path)[1]
+
+
+def test_a_finished_config_whose_run_is_nan_is_trained_again_not_skipped(tmp_path, caplog):
+    cfg = typed(tmp_path, "trainer.max_steps=4", "trainer.lr=1e30")
+    assert runner.run(cfg, "variant", tmp_path / "out1") is None
+    client, runs = runs_of(tmp_path)
+    assert [r.data.tags["status"] for r in runs] == ["nan"]
+    caplog.set_level("INFO")
+    assert runner.run(cfg, "variant", tmp_path / "out2") is None
+    assert "already finished" not in caplog.text
+    client, runs = runs_of(tmp_path)
+    assert all(r.data.tags["status"] == "nan" for r in runs)
+
+    # A record saying ok (as written before the nan verdict existed), whose run's tracking journal
+    # is still there: the store's nan for that very run wins, and the variant trains from the start.
+    directory = variant_dir(cfg)
+    (directory / "result.json").write_text(json.dumps({"status": "ok", "run_id": runs[0].info.run_id,
+                                                       "final_loss": 0.1, "output_dir": str(tmp_path / "out1")}))
+    journal = tmp_path / "out1" / "tracking_journal" / "journal.jsonl"
+    journal.parent.mkdir(parents=True, exist_ok=True)
+    journal.write_text("")
+    caplog.clear()
+    assert runner.run(cfg, "variant", tmp_path / "out3") is None
+    assert "has status 'nan'" in caplog.text and "trained again from the start" in caplog.text
+    assert "already finished" not in caplog.text and "resuming" not in caplog.text
+    assert not (directory / "result.json").exists()

@@ -175,3 +175,46 @@ def test_the_predicted_fit_is_logged_before_the_first_training_step(tmp_path, mo
 def test_a_run_the_plan_cannot_predict_logs_no_prediction(tmp_path):
     _, run, _ = run_variant(tmp_path, "trainer.max_steps=1")  # the tiny model on the CPU
     assert not [k for k in run.data.metrics if k.startswith("plan/")]
+
+
+def lora_logged(client, run) -> bool:
+    return "lora" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_a_diverged_run_that_ends_inside_its_non_finite_steps_is_nan_not_ok(tmp_path):
+    """lr=1e30: one finite step, then every loss overflows, too few in a row for the threshold."""
+    result, run, client = run_variant(tmp_path, "trainer.max_steps=4", "trainer.lr=1e30")
+    assert result is None
+    assert run.data.tags["status"] == "nan" and run.info.status == "FAILED"
+    assert run.data.tags["error"].startswith("3 of 4 steps non-finite, the last 3 in a row")
+    assert not lora_logged(client, run)
+    assert not (tmp_path / "out" / "lora").exists()  # nobody can load it as the trained result
+    assert not list((tmp_path / "checkpoints").rglob("result.json"))  # nothing for a later sweep to reuse
+
+
+def test_a_run_whose_every_step_is_non_finite_is_nan_below_the_threshold(tmp_path, monkeypatch):
+    from sdxl_ablate.train import objective
+
+    monkeypatch.setattr(objective, "denoising_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    result, run, client = run_variant(tmp_path, "trainer.max_steps=4", "trainer.max_nonfinite_in_row=5")
+    assert result is None
+    assert run.data.tags["status"] == "nan" and run.data.tags["error"].startswith("4 of 4 steps non-finite")
+    assert not lora_logged(client, run)
+
+
+def test_a_run_whose_final_lora_is_non_finite_is_nan(tmp_path, monkeypatch):
+    from sdxl_ablate.train import loop
+
+    real = loop.optimizer_step
+
+    def corrupting(s, cfg):  # the update itself goes wrong; the (earlier) loss stays finite
+        real(s, cfg)
+        with torch.no_grad():
+            s.params[0].fill_(float("inf"))
+
+    monkeypatch.setattr(loop, "optimizer_step", corrupting)
+    result, run, client = run_variant(tmp_path, "trainer.max_steps=1")
+    assert result is None
+    assert run.data.tags["status"] == "nan" and run.data.tags["error"] == "final LoRA has non-finite weights"
+    assert run.data.metrics["train/nonfinite_steps"] == 0
+    assert not lora_logged(client, run)

@@ -13,9 +13,9 @@ Each training is identified by its `config_hash` (config/identity.py) and owns a
 2. RUNNING MLflow runs of this experiment whose training process is gone (their lock is free)
    are marked KILLED with the reason, unless they are the run resumed now;
 3. `trainer.force=true`: earlier checkpoints of this config are removed, a new run starts;
-4. a FINISHED run with status ok and this config hash (or a `result.json` with status ok,
-   when the store cannot be asked or the run's journal still holds its records) -> skip,
-   returning its recorded final loss;
+4. a FINISHED run with status ok, a finite final loss and this config hash (or a `result.json`
+   with status ok, when the store cannot be asked or the run's journal still holds its records,
+   and the store does not give that run a failing status) -> skip, returning its recorded final loss;
 5. `trainer.resume`: `auto` -> the newest checkpoint that verifies (corrupt ones skipped),
    `never` -> start afresh (this config's checkpoints are removed), a path -> that checkpoint
    (its config must match: `ConfigMismatch` names the keys). The run named in `run.json` is
@@ -27,6 +27,7 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import math
 import os
 import shutil
 import socket
@@ -51,6 +52,9 @@ RESULT_RECORD = "result.json"
 LOCK = "lock"
 HASH_TAG = "config_hash"
 DIR_TAG = "checkpoint_dir"
+# The statuses a training process gives its own run when it did not train a usable LoRA
+# (`killed` is left out: another process sets it, and a journal may still hold the run's end).
+NOT_TRAINED = ("nan", "oom", "failed")
 
 
 class VariantBusy(RuntimeError):
@@ -292,8 +296,18 @@ def _decide(plan: Plan, cfg: Config, run_name: str) -> None:
         log.info("variant %s: %s", run_name, plan.reason)
         return
 
-    finished = [r for r in runs if r.info.status == "FINISHED" and r.data.tags.get("status") == "ok"]
+    finished = [r for r in runs if r.info.status == "FINISHED" and r.data.tags.get("status") == "ok"
+                and math.isfinite(r.data.metrics.get("train/final_loss", math.nan))]
     result = _read_json(directory / RESULT_RECORD)
+    recorded = next((r for r in runs if result and r.info.run_id == result.get("run_id")), None)
+    if recorded is not None and recorded.data.tags.get("status") in NOT_TRAINED:
+        # The store says the run this record calls ok did not train (e.g. a record older than
+        # the run's final verdict): the run's word wins, and its checkpoints are not trusted.
+        log.warning("variant %s: %s says it finished ok in run %s, which has status %r in %s (%s): trained "
+                    "again from the start", run_name, directory / RESULT_RECORD, recorded.info.run_id,
+                    recorded.data.tags.get("status"), resolve_uri(cfg.tracking), recorded.data.tags.get("error"))
+        _wipe(directory)
+        result, own = None, None
     if result and not finished and not unreachable and not _journal_kept(result):
         # The store answers and has no finished run of this config, and the run's journal is
         # gone (e.g. `make clean` removed mlflow.db and multirun/): skipping would leave the
@@ -304,7 +318,7 @@ def _decide(plan: Plan, cfg: Config, run_name: str) -> None:
                     result.get("run_id"), resolve_uri(cfg.tracking))
         _wipe(directory)
         result, own = None, None
-    if finished or (result or {}).get("status") == "ok":
+    if finished or (result or {}).get("status") == "ok" and math.isfinite(result.get("final_loss") or math.nan):
         plan.action = "skip"
         if finished:
             run = max(finished, key=lambda r: r.info.end_time or 0)

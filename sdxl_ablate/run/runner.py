@@ -142,7 +142,7 @@ def run_planned(cfg: Config, run_name: str, output_dir: Path, plan: Plan, sweep:
                 result = train(components, data, cfg, device, plan.metrics_logger(tracker.log_metrics), memory_stats,
                                hooks=replace(hooks, loop_start=loop_start), checkpointer=checkpointer)
             phases.split_training(result)
-            peak = record_training(tracker, cfg, result, checkpointer, guard, memory_stats(), precompute_peak)
+            peak = record_training(tracker, result, checkpointer, guard, memory_stats(), precompute_peak)
             if result.status != "ok":
                 return None
             untrained = no_effect_reason(cfg, components, {})  # judged on the adapters as trained
@@ -217,7 +217,7 @@ def training_starts(sample_base: Callable[[], None], guard: MemoryGuard, tracker
     return starts
 
 
-def record_training(tracker, cfg: Config, result, checkpointer, guard: MemoryGuard, peak: dict[str, float],
+def record_training(tracker, result, checkpointer, guard: MemoryGuard, peak: dict[str, float],
                     precompute_peak: dict[str, float]) -> dict[str, float]:
     """The training's numbers, and its status when it did not end ok; returns the peak."""
     if checkpointer.failures:
@@ -232,8 +232,7 @@ def record_training(tracker, cfg: Config, result, checkpointer, guard: MemoryGua
         "perf/images_per_s": result.images_per_s,
     })
     if result.status != "ok":
-        tracker.set_status(result.status, error=f"{result.nonfinite_steps} non-finite losses, "
-                           f"{cfg.trainer.max_nonfinite_in_row} in a row")
+        tracker.set_status(result.status, error=result.error)
     return peak
 
 

@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainResult:
-    status: str  # ok | nan
+    status: str  # ok | nan (`judge`)
+    error: str = ""  # why the status is not ok
     steps: int = 0
     losses: list[float] = field(default_factory=list)  # per optimizer step; nan where skipped
     nonfinite_steps: int = 0
@@ -220,6 +221,20 @@ def skip(state: TrainState, step: int, max_in_row: int) -> bool:
     return state.nonfinite_in_row >= max_in_row
 
 
+def judge(state: TrainState, max_in_row: int) -> None:
+    """Ok only means ok: the run ends `nan`, with why, when its last steps were non-finite (their
+    streak reached `max_in_row`, or the run ended inside one: the weights they left behind never
+    gave a finite loss, e.g. after one huge update) or when the LoRA weights are not finite."""
+    r, in_row = state.result, state.nonfinite_in_row
+    if in_row:
+        r.error = (f"{r.nonfinite_steps} of {len(r.losses)} steps non-finite, the last {in_row} in a row "
+                   + ("(trainer.max_nonfinite_in_row)" if in_row >= max_in_row else "(the run ended in them)"))
+    elif not all(bool(torch.isfinite(p).all()) for p in state.named_params.values()):
+        r.error = "final LoRA has non-finite weights"
+    if r.error:
+        r.status = "nan"
+
+
 def train(components, data: LoadedData, cfg: Config, device: torch.device,
           log_metrics: Callable[[dict[str, float], int], None] = lambda m, s: None,
           memory_stats: Callable[[], dict[str, float]] = dict,
@@ -263,7 +278,6 @@ def train(components, data: LoadedData, cfg: Config, device: torch.device,
             state.step = step + 1
             if not finite:
                 if skip(state, step, t.max_nonfinite_in_row):
-                    result.status = "nan"
                     break
             else:
                 state.nonfinite_in_row = 0
@@ -279,6 +293,7 @@ def train(components, data: LoadedData, cfg: Config, device: torch.device,
     bar.close()
     state.timer.settle()
     result.steps = len(result.losses)
+    judge(state, t.max_nonfinite_in_row)
     result.cuda_graphs = s.graphed is not None and s.graphed.graph is not None and not s.graphed.failed
     uncompile_blocks(c.unet)
     lora_input_casting(c, enabled=True)
