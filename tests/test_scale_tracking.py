@@ -175,6 +175,7 @@ def test_user_artifact_root_uri_stays_a_uri_on_a_server(tmp_path, mlflow_server)
     assert not list(tmp_path.glob("mlflow-artifacts*"))
 
 
+@pytest.mark.slow
 def test_a_tracking_server_killed_mid_run_costs_seconds_and_the_journal_keeps_the_run(tmp_path, mlflow_server):
     """The server dies once the run is under way: the run ends within a bounded time (MLflow's
     HTTP retries bounded, no further call to the server after the first failure) and its
