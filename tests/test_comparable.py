@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -47,6 +48,25 @@ def test_preflight_with_a_missing_clip_model_stops_the_sweep_before_anything_tra
     assert "eval=tiny" in proc.stderr and "eval=off" in proc.stderr  # the offline alternatives
     assert experiment_runs(tmp_path, "pf") == []  # no run, not even a parent
     assert not list(tmp_path.rglob("*.safetensors")) and not (tmp_path / "multirun").exists()
+
+
+def test_preflight_without_a_hub_and_without_offline_mode_stops_within_seconds(tmp_path, monkeypatch):
+    # The default hub model, HF_HUB_OFFLINE unset and no hub: the endpoint is a closed local port,
+    # so the request fails at once and no traffic leaves the machine.
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("HF_DATASETS_OFFLINE")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_hub_cache"))
+    args = [a for a in tiny_overrides(tmp_path, "study=nohub") if a != "model=tiny"]
+    start = time.monotonic()
+    proc = cli(tmp_path, *args)
+    assert time.monotonic() - start < 30, "finding out that the hub is unreachable took too long"
+    assert proc.returncode == PREFLIGHT_EXIT, proc.stderr[-2000:]
+    assert "model.pretrained='stabilityai/stable-diffusion-xl-base-1.0'" in proc.stderr
+    assert "http://127.0.0.1:9 cannot be reached" in proc.stderr  # what it could not reach
+    assert "HF_HUB_OFFLINE=1" in proc.stderr and "model=tiny" in proc.stderr  # the offline alternatives
+    assert experiment_runs(tmp_path, "nohub") == []
+    assert not list(tmp_path.rglob("*.safetensors"))
 
 
 def test_preflight_names_every_missing_resource_and_its_offline_alternative(tmp_path):

@@ -10,10 +10,14 @@ import textwrap
 import time
 from pathlib import Path
 
+import json
+import signal
+
 import pytest
 from mlflow.tracking import MlflowClient
 
 from sdxl_ablate.track.tracker import artifact_location, get_or_create_experiment
+from tests.conftest import tiny_overrides
 from tests.e2e.ui_check import stop
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,7 +137,7 @@ def mlflow_server(tmp_path):
     else:
         stop(proc)
         pytest.fail("mlflow server did not start within 120 s")
-    yield uri, dest
+    yield uri, dest, proc
     stop(proc)
 
 
@@ -141,7 +145,7 @@ def mlflow_server(tmp_path):
 def test_jobs_against_a_tracking_server_send_artifacts_through_it(tmp_path, mlflow_server):
     """4 jobs at once against `mlflow server --artifacts-destination DEST`: every run FINISHED,
     and the artifact files land in DEST through the server (no local mlartifacts)."""
-    uri, dest = mlflow_server
+    uri, dest, _ = mlflow_server
     n = 4
     jobs_dir = tmp_path / "jobs"
     jobs_dir.mkdir()
@@ -160,7 +164,7 @@ def test_jobs_against_a_tracking_server_send_artifacts_through_it(tmp_path, mlfl
 
 @pytest.mark.slow
 def test_user_artifact_root_uri_stays_a_uri_on_a_server(tmp_path, mlflow_server):
-    uri, dest = mlflow_server
+    uri, dest, _ = mlflow_server
     results = _run_jobs(uri, "mlflow-artifacts:/team", 1, tmp_path)
     assert results[0].returncode == 0, results[0].stderr[-3000:]
     client = MlflowClient(uri)
@@ -169,3 +173,42 @@ def test_user_artifact_root_uri_stays_a_uri_on_a_server(tmp_path, mlflow_server)
     run_id = client.search_runs([exp.experiment_id])[0].info.run_id
     assert (dest / "team" / "race" / run_id / "artifacts" / "hello.txt").read_text() == "job 0"
     assert not list(tmp_path.glob("mlflow-artifacts*"))
+
+
+@pytest.mark.slow
+def test_a_tracking_server_killed_mid_run_costs_seconds_and_the_journal_keeps_the_run(tmp_path, mlflow_server):
+    """The server dies once the run is under way: the run ends within a bounded time (MLflow's
+    HTTP retries bounded, no further call to the server after the first failure) and its
+    journal holds the rest of it."""
+    uri, _, server = mlflow_server
+    args = [a for a in tiny_overrides(tmp_path, "trainer.max_steps=300", f"tracking.uri={uri}",
+                                      f"hydra.run.dir={tmp_path}/out")
+            if not a.startswith(("tracking.uri=sqlite", "tracking.artifact_root="))]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        env.pop(name, None)  # the project's defaults, not this process's
+    run = subprocess.Popen([sys.executable, "-m", "sdxl_ablate", *args], cwd=tmp_path, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        client = MlflowClient(uri)
+        deadline = time.time() + 300
+        while time.time() < deadline and run.poll() is None:  # until the run has logged a loss
+            runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+            if any("train/loss" in r.data.metrics for r in runs):
+                break
+            time.sleep(0.5)
+        assert run.poll() is None, "the run ended before the server could be killed: raise trainer.max_steps"
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=30)
+        try:
+            out, _ = run.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the run did not finish within 60 s of the server's death (MLflow's HTTP retries unbounded?)")
+    finally:
+        stop(run)
+    assert run.returncode == 0, out[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "out" / "tracking_journal" / "journal.jsonl").read_text().splitlines()]
+    ops = [r["op"] for r in records]
+    assert ops[0] == "open" and ops.count("open") == 1, ops  # one failure, one switch
+    assert "log_metrics" in ops and ops[-1] == "close", ops
+    assert any("train/loss" in r.get("metrics", {}) for r in records)

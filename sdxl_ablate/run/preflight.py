@@ -26,6 +26,8 @@ OFFLINE_MODEL = "offline, use model=tiny or model=sdxl_random, or a local diffus
 OFFLINE_DATA = "offline, use data=sample, or data=folder data.path=DIR"
 OFFLINE_CLIP = ("offline, use eval=tiny (a tiny random CLIP built in code) or eval=off, or give a local "
                 "open_clip checkpoint file as eval.clip_pretrained=FILE")
+# Seconds one hub request may take: a reachable hub answers a HEAD or an info query in well under.
+HUB_TIMEOUT_S = 10.0
 
 
 class PreflightError(RuntimeError):
@@ -42,18 +44,19 @@ def hub_offline() -> bool:
 
 
 @functools.lru_cache(maxsize=1)
-def hub_reachable() -> bool:
-    """One short request per process: is the hub there at all? (False when offline mode is set.)"""
+def hub_unreachable() -> Optional[str]:
+    """Why the hub cannot be reached, or None when it answers. One short request per process,
+    through huggingface_hub's own HTTP session (no retries: offline, a retry only adds minutes)."""
     if hub_offline():
-        return False
-    import httpx
-    from huggingface_hub import constants
+        return "HF_HUB_OFFLINE is set"
+    from huggingface_hub import constants, get_session
 
     try:
-        httpx.head(constants.ENDPOINT, timeout=5.0)
-        return True
-    except httpx.HTTPError:
-        return False
+        get_session().head(constants.ENDPOINT, timeout=HUB_TIMEOUT_S)  # any HTTP answer means it is there
+        return None
+    except Exception as e:  # noqa: BLE001 - no connection, DNS failure, proxy or TLS error: all unreachable
+        return (f"the hub at {constants.ENDPOINT} cannot be reached ({type(e).__name__}: {e}; "
+                "set HF_HUB_OFFLINE=1 to skip the hub)")
 
 
 def _hub_problem(key: str, value: str, kind: str, in_cache: Callable[[], bool],
@@ -61,8 +64,8 @@ def _hub_problem(key: str, value: str, kind: str, in_cache: Callable[[], bool],
     """None when `value` (a hub id) is cached or reachable and exists; else the problem."""
     if in_cache():
         return None
-    if not hub_reachable():
-        why = "HF_HUB_OFFLINE is set" if hub_offline() else "the hub cannot be reached"
+    why = hub_unreachable()
+    if why:
         return f"{key}={value!r}: this hub {kind} is not in the local hub cache and {why}; {offline_alternative}"
     try:
         exists_online()
@@ -99,7 +102,7 @@ def model_problems(cfg: Config) -> list[str]:
         if source.local:
             continue
         problem = _hub_problem(key, value, "model", lambda: _cached_file(value, marker, revision=revision),
-                               lambda: HfApi().model_info(value, revision=revision, timeout=10), OFFLINE_MODEL)
+                               lambda: HfApi().model_info(value, revision=revision, timeout=HUB_TIMEOUT_S), OFFLINE_MODEL)
         if problem:
             out.append(problem)
     return out
@@ -129,7 +132,7 @@ def data_problems(cfg: Config) -> list[str]:
             return False
 
     problem = _hub_problem("data.name", d.name, "dataset", in_cache,
-                           lambda: HfApi().dataset_info(d.name, timeout=10), OFFLINE_DATA)
+                           lambda: HfApi().dataset_info(d.name, timeout=HUB_TIMEOUT_S), OFFLINE_DATA)
     return [problem] if problem else []
 
 
@@ -152,14 +155,14 @@ def clip_problems(cfg: Config) -> list[str]:
                 f"(tags: {', '.join(tags) or 'none'}); {OFFLINE_CLIP}"]
     repo = pretrained.get("hf_hub", "").strip("/")
     if not repo:  # a URL download: only a reachable network can serve it
-        if hub_reachable():
+        if not hub_unreachable():
             return []
         return [f"{key}={ev.clip_pretrained!r}: downloaded from {pretrained.get('url')!r}, which cannot be reached; "
                 f"{OFFLINE_CLIP}"]
     problem = _hub_problem(key, ev.clip_pretrained, "CLIP checkpoint",
                            lambda: any(_cached_file(repo, f) for f in ("open_clip_model.safetensors",
                                                                         "open_clip_pytorch_model.bin")),
-                           lambda: HfApi().model_info(repo, timeout=10), OFFLINE_CLIP)
+                           lambda: HfApi().model_info(repo, timeout=HUB_TIMEOUT_S), OFFLINE_CLIP)
     return [problem] if problem else []
 
 
