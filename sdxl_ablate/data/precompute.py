@@ -222,8 +222,7 @@ def cache_problem(cache: LatentCache, cfg: Config, examples: list[Example], with
         return None
     if cache.prompt_embeds is None:
         return "no prompt embeddings"
-    needed = {ex.caption for ex in examples} | ({""} if cfg.data.caption_dropout > 0 else set())
-    if missing := sorted(needed - set(cache.prompt_embeds)):
+    if missing := sorted(set(cached_prompts([ex.caption for ex in examples], cfg)) - set(cache.prompt_embeds)):
         return f"no prompt embeddings for {len(missing)} prompts, e.g. {missing[0]!r}"
     for prompt, tensors in cache.prompt_embeds.items():
         if not all(torch.isfinite(t).all() for t in tensors):
@@ -248,7 +247,7 @@ def _encode(cfg: Config, components, examples: list[Example], with_prompts: bool
 
     prompt_embeds = None
     if with_prompts:
-        prompts = sorted({p.caption for p in flat} | ({""} if cfg.data.caption_dropout > 0 else set()))
+        prompts = cached_prompts([p.caption for p in flat], cfg)
         prompt_embeds = {}
         with torch.no_grad():
             for i in range(0, len(prompts), batch_size):
@@ -298,6 +297,12 @@ def load_cache(path: Path) -> LatentCache:
     if meta["prompts"] is not None:
         prompt_embeds = {p: (t[f"prompt.{k}.embeds"], t[f"prompt.{k}.pooled"]) for k, p in enumerate(meta["prompts"])}
     return LatentCache(items, prompt_embeds)
+
+
+def cached_prompts(captions: list[str], cfg: Config) -> list[str]:
+    """The prompts whose embeddings a cache holds: every caption, and the empty prompt when
+    caption dropout can train on it; what `_encode` writes and `cache_problem` checks."""
+    return sorted(set(captions) | ({""} if cfg.data.caption_dropout > 0 else set()))
 
 
 def _orientations(example: Example, flip: bool) -> list[Example]:
