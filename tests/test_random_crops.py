@@ -67,3 +67,18 @@ def test_nothing_held_out_uses_training_images_and_says_so(tmp_path, caplog):
     assert "TRAINING images" in caplog.text and "eval.reference=train" in caplog.text
     held = load_data(to_typed(compose_config(["model=tiny", "data=sample", "data.sample_size=6"])).data)
     assert reference_set(held, 4) == (held.heldout, False)
+
+
+def test_fp32_base_weights_keep_the_frozen_unet_in_fp32_under_a_half_precision():
+    """Seed 000's "UNet: FP32 loaded, mixed precision handled by Accelerator"."""
+    from sdxl_ablate.model.precision import unet_dtype
+    from sdxl_ablate.train.setup import place_components
+
+    for weights, want in (("fp32", torch.float32), ("compute", torch.bfloat16)):
+        cfg = to_typed(compose_config(["model=tiny", "trainer.precision=bf16", f"trainer.base_weights={weights}"]))
+        c = build_tiny(0)
+        place_components(c, cfg, torch.device("cpu"))
+        assert unet_dtype(cfg) == want
+        assert {p.dtype for p in c.unet.parameters()} == {want}
+        assert {p.dtype for p in c.text_encoder.parameters()} == {torch.bfloat16}
+        assert {p.dtype for p in c.vae.parameters()} == {torch.float32}
