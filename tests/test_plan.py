@@ -127,3 +127,24 @@ def test_no_prediction_where_the_plan_is_not_calibrated():
     """Fitted to full-size SDXL on CUDA: the tiny model and a CPU run get no number."""
     assert plan.predicted_fit(plan.compose(["model=tiny"]), torch.device("cuda", 0)) == {}
     assert plan.predicted_fit(plan.compose(["model=sdxl_random"]), torch.device("cpu")) == {}
+
+
+def _sdxl_attention_lora_params(rank: int) -> tuple[int, int]:
+    """LoRA parameters of SDXL's self- and cross-attention q/k/v/out, from the architecture: 10
+    transformer blocks at width 640 and 60 at 1280; a LoRA on a (in -> out) layer has
+    rank * (in + out) parameters; cross-attention's k and v read the 2048-wide text embeddings."""
+    blocks = {640: 10, 1280: 60}
+    self_ = sum(n * 4 * rank * 2 * d for d, n in blocks.items())
+    cross = sum(n * rank * (2 * d + 2 * (2048 + d) + 2 * d) for d, n in blocks.items())
+    return self_, cross
+
+
+def test_full_sdxl_self_and_cross_attention_counts():
+    """The issue's numbers: attn 560 modules / 23.2 M at rank 16, self 280 / 10.6 M, cross 12.6 M."""
+    self_, cross = _sdxl_attention_lora_params(16)
+    counts = {t: trainable(f"lora.targets={t}", "lora.rank=16")["unet"] for t in ("attn", "self_attn", "cross_attn")}
+    assert counts == {"attn": self_ + cross, "self_attn": self_, "cross_attn": cross}
+    assert (round(counts["attn"] / 1e6, 1), round(self_ / 1e6, 1), round(cross / 1e6, 1)) == (23.2, 10.6, 12.6)
+    c = plan.build_meta(plan.compose(["model=sdxl_random", "lora.targets=self_attn"]))
+    modules = [n for n, _ in c.unet.named_modules() if n.endswith(".base_layer")]
+    assert len(modules) == 280 and all(".attn1." in n for n in modules)

@@ -14,6 +14,7 @@ Out of the hash and the run name, because the trained LoRA is the same with any 
 - the CUDA speed switches trainer.compile/channels_last/cuda_graphs: documented as leaving the
   numbers as they are (README "Trainer defaults"), so a resume with one switched is the same
   training;
+- data.class_prompt: recorded only, prior preservation is not implemented (README "Recipes");
 - bookkeeping of the run: the study name (the experiment it is filed under), logging and LoRA
   saving, the latent cache's place, checkpointing, resume and force.
 Out of the run name only: what a whole study shares, so the name says which variant of it ran:
@@ -46,7 +47,7 @@ AXES = {
 
 HASH_EXCLUDED_PREFIXES = ("tracking.", "eval.", "memory.")
 HASH_EXCLUDED_KEYS = frozenset({
-    "study", "trainer.log_every", "trainer.cache_dir", "trainer.save_lora",
+    "study", "data.class_prompt", "trainer.log_every", "trainer.cache_dir", "trainer.save_lora",
     "trainer.checkpoint_every", "trainer.keep_checkpoints", "trainer.checkpoint_dir", "trainer.resume",
     "trainer.force", "trainer.compile", "trainer.channels_last", "trainer.cuda_graphs",
     "trainer.sync_every_step",

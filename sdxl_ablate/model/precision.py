@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from sdxl_ablate.config import Config, Precision
+from sdxl_ablate.config import BaseWeights, Config, Precision
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -33,3 +33,11 @@ def vae_dtype(cfg: Config, compute: torch.dtype | None = None) -> torch.dtype:
     which then runs in the compute dtype."""
     compute = compute_dtype(cfg) if compute is None else compute
     return compute if cfg.model.vae_fp16_safe else torch.float32
+
+
+def unet_dtype(cfg: Config, compute: torch.dtype | None = None) -> torch.dtype:
+    """The dtype the frozen UNet is stored in during training: the compute dtype, or fp32 with
+    trainer.base_weights=fp32 (its matmuls still run in the compute dtype, under autocast).
+    fp8 storage (trainer.base_weights=fp8) is made later from the compute-dtype weights."""
+    compute = compute_dtype(cfg) if compute is None else compute
+    return torch.float32 if cfg.trainer.base_weights == BaseWeights.fp32 else compute

@@ -19,7 +19,7 @@ from sdxl_ablate.config import BaseWeights, Config, Optimizer, Precision
 from sdxl_ablate.model.compile import compile_blocks
 from sdxl_ablate.model.lora import add_adapters
 from sdxl_ablate.model.placement import place
-from sdxl_ablate.model.precision import compute_dtype, vae_dtype
+from sdxl_ablate.model.precision import compute_dtype, unet_dtype, vae_dtype
 from sdxl_ablate.train import distributed
 from sdxl_ablate.train.graphs import GraphedStep, graphs_usable
 from sdxl_ablate.train.memory import store_base_weights_fp8
@@ -73,9 +73,10 @@ def lora_input_casting(c, enabled: bool) -> None:
 
 
 def place_components(c, cfg: Config, device: torch.device) -> None:
-    """Frozen weights in the compute dtype, the VAE in its own (see precision.vae_dtype)."""
+    """Frozen weights in the compute dtype (the UNet in fp32 with trainer.base_weights=fp32), the
+    VAE in its own (see precision.vae_dtype and unet_dtype)."""
     dtype = compute_dtype(cfg)
-    place(c.unet, device, dtype)
+    place(c.unet, device, unet_dtype(cfg, dtype))
     place(c.vae, device, vae_dtype(cfg, dtype))
     place(c.text_encoder, device, dtype)
     place(c.text_encoder_2, device, dtype)
