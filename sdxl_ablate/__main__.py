@@ -93,6 +93,5 @@ if __name__ == "__main__":
     except KeyboardInterrupt as err:  # one line and the summary so far, no traceback (sweep.interrupted)
         sys.exit(sweep.interrupted(err))
     except SystemExit as err:  # Hydra stopped the sweep half way (its own error): close the parent run
-        sweep.stopped(err.code)
-        raise
+        sys.exit(sweep.stopped(err.code))
     sys.exit(exit_code())

@@ -227,7 +227,12 @@ def _signal_name(signum: int) -> str:
     return "Ctrl-C (SIGINT)" if signum == signal.SIGINT else signal.Signals(signum).name
 
 
+_signal_received: Optional[int] = None  # the signal, once one arrived (see `stopped`)
+
+
 def _raise_interrupted(signum, frame):
+    global _signal_received
+    _signal_received = signum
     raise Interrupted(signum)
 
 
@@ -271,12 +276,16 @@ def interrupted(err: KeyboardInterrupt) -> int:
     return code
 
 
-def stopped(code: Any) -> None:
+def stopped(code: Any) -> Any:
     """The process exits before the sweep's end (Hydra's own error, e.g. a job's override it cannot
-    compose): close the open parent run as FAILED with its counts so far and why."""
+    compose): close the open parent run as FAILED with its counts so far and why; returns the exit
+    code. A signal that Hydra turned into its own error (it arrived while Hydra composed a job's
+    config) is still an interruption: `interrupted`, 130/143."""
     global _open
+    if _signal_received is not None:
+        return interrupted(Interrupted(_signal_received))
     if _open is None:
-        return
+        return code
     info, uri = _open
     _open = None
     why = f"the sweep stopped before its end (exit code {code})"
@@ -291,6 +300,7 @@ def stopped(code: Any) -> None:
     except Exception as e:  # noqa: BLE001
         print(f"sweep {info.sweep_id}: {why}; its parent run {info.parent_run_id} could not be closed "
               f"({type(e).__name__}: {e})", file=sys.stderr)
+    return code
 
 
 def _process_start(pid: int) -> Optional[str]:
