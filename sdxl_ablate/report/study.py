@@ -99,17 +99,15 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from mlflow.tracking import MlflowClient
-
     from sdxl_ablate.config import TrackingConfig
-    from sdxl_ablate.track.tracker import resolve_uri
+    from sdxl_ablate.track.tracker import connect, resolve_uri
 
     # MLflow's own switch: no progress bar for each of the many small downloads below.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     args = parse_args(argv)
     uri = args.tracking_uri or resolve_uri(TrackingConfig())
     out = args.out or Path("reports") / args.study
-    client = MlflowClient(tracking_uri=uri)
+    client = connect(uri)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             runs, sweep_ids = select_runs(read_runs(client, args.study, None), args.sweep, args.all_sweeps)

@@ -182,9 +182,7 @@ def device_problems(cfg: Config) -> list[str]:
 
 
 def tracking_problems(cfg: Config) -> list[str]:
-    from mlflow.tracking import MlflowClient
-
-    from sdxl_ablate.track.tracker import resolve_uri
+    from sdxl_ablate.track.tracker import connect, resolve_uri
 
     uri = resolve_uri(cfg.tracking)
     out = []
@@ -195,7 +193,7 @@ def tracking_problems(cfg: Config) -> list[str]:
         if not os.access(db if db.exists() else db.parent, os.W_OK):
             return [f"tracking.uri={uri!r}: {str(db if db.exists() else db.parent)!r} is not writable"]
     try:
-        MlflowClient(uri).search_experiments(max_results=1)
+        connect(uri).search_experiments(max_results=1)
     except Exception as e:  # noqa: BLE001 - any failure means runs could not be recorded
         out.append(f"tracking.uri={uri!r}: the MLflow tracking store does not answer ({type(e).__name__}: {e})")
     root = cfg.tracking.artifact_root

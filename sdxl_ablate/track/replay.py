@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 from sdxl_ablate.track.files import atomic_write_json
 from sdxl_ablate.track.journal import JOURNAL_DIR, journal_path
 from sdxl_ablate.track.limits import batches
-from sdxl_ablate.track.tracker import get_or_create_experiment
+from sdxl_ablate.track.tracker import connect, get_or_create_experiment
 
 log = logging.getLogger(__name__)
 PROGRESS = "replay_progress.json"
@@ -65,7 +65,7 @@ def replay(output_dir: Path, tracking_uri: str | None = None) -> str:
     if "applied" in stores:  # the single-store format of earlier versions: it was the run's own store
         stores = {first["uri"]: stores}
     progress = stores.setdefault(uri, {"applied": 0, "run_id": None})
-    client = MlflowClient(tracking_uri=uri)
+    client = connect(uri)
     run_id = progress["run_id"]
     if run_id is None:
         run_id = _open_run(client, first)
