@@ -207,3 +207,21 @@ def test_an_artifact_failure_then_a_metadata_failure(tmp_path):
         (0, 1.0), (1, 2.0), (2, 3.0)]
     assert [a.path for a in client.list_artifacts(t.run_id)] == ["notes.txt"]
     assert run.info.status == "FINISHED" and run.data.tags["status"] == "ok"
+
+
+def test_an_unwritable_journal_leaves_the_run_to_mlflow(tmp_path, caplog):
+    """The output disk refuses the journal: logged loudly, and MLflow still gets the whole run."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "tracking_journal").write_text("a file where the journal's folder should be")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    with JournalingTracker(TrackingConfig(uri=uri, artifact_root=str(tmp_path / "art")), "e", "r", out) as t:
+        t.log_params({"p": 1})
+        t.log_metrics({"m": 1.0}, step=0)
+        t.log_text("hello", "notes.txt")
+        t.set_status("ok")
+    assert t.journal.error is not None and "cannot be written" in caplog.text
+    client = MlflowClient(uri)
+    run = client.get_run(t.run_id)
+    assert run.data.params == {"p": "1"} and run.data.metrics["m"] == 1.0 and run.info.status == "FINISHED"
+    assert [a.path for a in client.list_artifacts(t.run_id)] == ["notes.txt"]

@@ -129,6 +129,9 @@ def _open_run(client: MlflowClient, first: dict[str, Any]) -> dict[str, Any]:
 
 def _apply(client: MlflowClient, run_id: str, rec: dict[str, Any], journal_dir: Path) -> None:
     op = rec["op"]
+    if op in ("log_text", "log_image") and rec.get("file") is None:
+        raise ReplayError(f"journal record {rec.get('seq')} ({op} {rec.get('artifact_file') or rec.get('key')}): its "
+                          f"file could not be kept in {journal_dir} when the run wrote it (see the run's log)")
     if op == "log_params":
         for batch in batches([Param(k, v) for k, v in rec["params"].items()]):
             client.log_batch(run_id, params=batch)
