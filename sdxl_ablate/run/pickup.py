@@ -185,11 +185,12 @@ def _connect(cfg: Config, chash: str) -> tuple[MlflowClient | None, str | None, 
 
 
 def _journal_kept(result: dict) -> bool:
-    """Whether the finished run's tracking journal (records not yet in MLflow) still exists."""
-    from sdxl_ablate.track.journal import journal_path
+    """Whether the finished run's tracking journal still holds records MLflow did not take
+    (every run journals itself; one that MLflow took whole has nothing left to replay here)."""
+    from sdxl_ablate.track.journal import unsent_records
 
     out = result.get("output_dir")
-    return bool(out) and journal_path(out).is_file()
+    return bool(out) and unsent_records(out) > 0
 
 
 def _reap(client, exp_id, keep, run_name, directory) -> None:
