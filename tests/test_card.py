@@ -7,7 +7,6 @@ show is in the `gpu`-marked tests at the end.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -302,3 +301,28 @@ def test_unresolved_auto_on_cuda_cannot_reach_training():
 def test_a_bad_checkpointing_value_is_named(value):
     with pytest.raises(ConfigError, match=f"trainer.gradient_checkpointing='{value}': must be true, false or auto"):
         to_typed(compose_config([f"trainer.gradient_checkpointing={value}"]))
+
+
+# --- on a GPU (a later session: no GPU was lent when this was written) --------------------------
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_t4_profile_refuses_what_a_t4_could_not_hold(tmp_path):
+    guard = MemoryGuard.for_config(typed(tmp_path, "device=cuda").memory, torch.device("cuda", 0))
+    try:
+        guard.start()  # cap: 14.0 GiB of the allocator, whatever the GPU's size
+        under = torch.empty(int(13.5 * GIB), dtype=torch.uint8, device="cuda:0")
+        del under
+        torch.cuda.empty_cache()
+        with pytest.raises(torch.OutOfMemoryError):
+            torch.empty(int(14.5 * GIB), dtype=torch.uint8, device="cuda:0")  # fits 16 GiB, not the T4
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, 0)
+        torch.cuda.empty_cache()
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_auto_precision_follows_the_real_capability(tmp_path):
+    cfg, choice = prec.resolve_precision(typed(tmp_path, "device=cuda:0"))
+    want = "bf16" if torch.cuda.get_device_capability(0) >= (8, 0) else "fp16"
+    assert (cfg.trainer.precision.value, choice.resolved) == (want, want)
