@@ -17,7 +17,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from sdxl_ablate.config import ConfigError, Precision, config_hash, to_typed
+from sdxl_ablate.config import Config, ConfigError, Precision, config_hash, to_typed
 from sdxl_ablate.model import precision as prec
 from sdxl_ablate.run import preflight, runner
 from sdxl_ablate.train import plan
@@ -37,8 +37,10 @@ def fake_gpus(monkeypatch, *gpus: tuple[str, tuple[int, int]]):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: len(gpus))
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: gpus[int(i)][0])
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: gpus[int(i)][1])
+    def index(i):
+        return (i.index or 0) if isinstance(i, torch.device) else int(i or 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: gpus[index(i)][0])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: gpus[index(i)][1])
 
 
 T4, A100, L4 = ("Tesla T4", (7, 5)), ("NVIDIA A100-SXM4-80GB", (8, 0)), ("NVIDIA L4", (8, 9))
@@ -326,3 +328,39 @@ def test_on_a_gpu_auto_precision_follows_the_real_capability(tmp_path):
     cfg, choice = prec.resolve_precision(typed(tmp_path, "device=cuda:0"))
     want = "bf16" if torch.cuda.get_device_capability(0) >= (8, 0) else "fp16"
     assert (cfg.trainer.precision.value, choice.resolved) == (want, want)
+
+
+def test_a_config_recorded_before_the_card_profiles_still_reads(tmp_path):
+    # What runs logged as config.yaml before issue 17: a flat 16 GiB budget, bf16, checkpointing on.
+    old = OmegaConf.create({"memory": {"budget_gib": 16.0, "enforce": True, "expandable_segments": True},
+                            "trainer": {"precision": "bf16", "gradient_checkpointing": True}})
+    with pytest.raises(ConfigError, match="memory.budget_gib=16.0 with memory.card_total_mib=15360"):
+        to_typed(OmegaConf.merge(OmegaConf.structured(Config), old))
+    cfg = to_typed(OmegaConf.merge(OmegaConf.structured(Config), runner.from_before_card_profiles(old)))
+    assert (cfg.memory.card, cfg.memory.card_total_mib, cfg.memory.budget()) == (None, None, 16.0)
+    assert (cfg.trainer.precision, cfg.trainer.gradient_checkpointing) == (Precision.bf16, True)
+
+
+def test_a_job_that_claims_a_t4_with_explicit_bf16_fails_before_the_guard_starts(tmp_path, monkeypatch):
+    # The preflight checks what it can see; a job that ends up on a T4 anyway stops at its claim,
+    # with the same message, recorded as its run's error.
+    import contextlib
+
+    from sdxl_ablate.run.devices import DeviceClaim, Gpu
+
+    fake_gpus(monkeypatch, T4)
+    monkeypatch.setattr(runner, "acquire_device", lambda *a, **k: DeviceClaim(torch.device("cuda", 0),
+                                                                              Gpu(0, "GPU-fake", "Tesla T4")))
+    started = []
+    monkeypatch.setattr(MemoryGuard, "start", lambda self: started.append(self))
+
+    class Tags:
+        def set_tags(self, tags):
+            pass
+
+    cfg = typed(tmp_path, "device=cuda:0", precision="bf16")
+    with contextlib.ExitStack() as held, pytest.raises(RuntimeError, match="Tesla T4 .* has no native bf16"):
+        runner.claim_device(cfg, None, held, Tags())
+    assert started == []
+    runner.claim_device(typed(tmp_path, "device=cuda:0", precision="fp16"), None, contextlib.ExitStack(), Tags())
+    assert len(started) == 1

@@ -323,7 +323,8 @@ def reevaluate(run_id: str, tracking, eval_overrides: list[str], device_name: Op
             raise ValueError(f"run {run_id} has status {run.data.tags.get('status')!r}: only a variant that trained "
                              "(status ok) can be evaluated")
         with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as held:
-            recorded = OmegaConf.load(tracker.client.download_artifacts(run_id, "config.yaml", tmp))
+            recorded = from_before_card_profiles(OmegaConf.load(tracker.client.download_artifacts(run_id, "config.yaml",
+                                                                                                  tmp)))
             cfg = to_typed(OmegaConf.merge(OmegaConf.structured(Config), recorded, eval_group_overrides(eval_overrides)))
             lora_file = Path(tracker.client.download_artifacts(run_id, "lora/pytorch_lora_weights.safetensors", tmp))
             device = held.enter_context(acquire_device(device_name or cfg.device)).device  # as in training
@@ -340,6 +341,15 @@ def reevaluate(run_id: str, tracking, eval_overrides: list[str], device_name: Op
             if metrics:
                 tracker.set_tags({"no_effect": str(bool(reason)).lower(), **({"no_effect_reason": reason} if reason else {})})
         return metrics
+
+
+def from_before_card_profiles(recorded):
+    """A config.yaml recorded before the card profiles (issue 17) has `memory.budget_gib` alone: a
+    plain allocator budget then, so it is read as one (not as the T4 profile plus a budget)."""
+    memory = recorded.get("memory")
+    if memory is not None and "card_total_mib" not in memory and memory.get("budget_gib") is not None:
+        memory.card, memory.card_total_mib, memory.bf16_native = None, None, None
+    return recorded
 
 
 def eval_group_overrides(overrides: list[str]):
