@@ -132,7 +132,8 @@ def test_defaults_are_the_real_task():
     assert (cfg.model.kind, cfg.data.source, cfg.data.resolution) == (ModelKind.pretrained, DataSource.hub, 1024)
     assert cfg.model.pretrained == "stabilityai/stable-diffusion-xl-base-1.0"
     assert cfg.data.name == "lambdalabs/naruto-blip-captions"
-    assert cfg.memory.budget_gib == 16
+    assert (cfg.memory.card, cfg.memory.card_total_mib, cfg.memory.budget_gib) == ("Tesla T4", 15360, None)
+    assert cfg.memory.budget() == (15360 - 1024) / 1024  # 14.0 GiB: the T4 less its provisional overhead
     assert cfg.eval.prompts == ["Naruto Uzumaki eating ramen", "Bill Gates in Naruto style",
                                 "A boy with blue eyes in Naruto style", "cute dragon creature"]
 

@@ -51,15 +51,25 @@ def test_every_model_kind_picks_its_architecture():
 def test_json_report_of_the_tiny_model(capsys):
     assert plan.main(["model=tiny", "data.resolution=64", "trainer.batch_size=2"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert set(report) == {"model", "architecture", "variant", "params", "trainable_params", "step", "memory"}
+    assert set(report) == {"model", "architecture", "variant", "params", "trainable_params", "step", "memory",
+                           "resolved"}
     assert set(report["memory"]) == {"weights_gib", "lora_and_optimizer_gib", "step_peak_gib",
-                                     "predicted_peak_allocated_gib", "predicted_peak_reserved_gib",
+                                     "predicted_peak_allocated_gib", "predicted_peak_reserved_gib", "card",
+                                     "card_total_gib", "overhead_gib", "predicted_card_peak_gib",
                                      "budget_gib", "fits"}
     assert report["trainable_params"]["total"] == report["trainable_params"]["unet"] > 0
     assert report["step"]["batch_size"] == 2 and report["step"]["tflop_per_step"] >= 0
     mem = report["memory"]
     assert mem["predicted_peak_allocated_gib"] > mem["weights_gib"] > 0
-    assert mem["fits"] is True and mem["budget_gib"] == 16
+    # The T4 profile (the default): the allocator's budget is the card's total less the overhead,
+    # the guard's rule; the card-side peak adds the overhead back.
+    assert (mem["card"], mem["card_total_gib"], mem["overhead_gib"], mem["budget_gib"]) == ("Tesla T4", 15.0, 1.0, 14.0)
+    assert mem["predicted_card_peak_gib"] == pytest.approx(mem["predicted_peak_reserved_gib"] + 1.0, abs=2e-3)
+    assert mem["fits"] is True
+    # precision=auto is resolved for the profile's card: a T4 has no native bf16.
+    assert report["step"]["precision"] == "fp16"
+    assert report["resolved"]["precision"] == "auto -> fp16 (Tesla T4: no native bf16)"
+    assert report["resolved"]["gradient_checkpointing"].startswith("auto -> true (auto without a memory prediction")
 
 
 def test_the_simulated_step_reacts_like_the_gpu():

@@ -91,6 +91,7 @@ COMMANDS: dict[str, str] = {
     "torchrun --standalone --nproc_per_node=2 -m sdxl_ablate experiment=demo device=cpu trainer.batch_size=4": RUN,
     "python -m sdxl_ablate.perf.scale_bench": NEEDS,
     "python -m sdxl_ablate.perf.scale_bench --dry-run": RUN,
+    "python -m sdxl_ablate.perf.card_overhead": NEEDS,
 }
 
 # `$` examples whose command fails on purpose: the exit code they must give.

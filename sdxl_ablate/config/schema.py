@@ -12,7 +12,7 @@ import enum
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -38,6 +38,7 @@ __all__ = [
     "TrackingConfig",
     "Config",
     "cross_field_problems",
+    "memory_problems",
     "cache_root",
     "register_configs",
     "to_typed",
@@ -82,6 +83,10 @@ class Targets(str, enum.Enum):
 
 
 class Precision(str, enum.Enum):
+    # auto: bf16 where the GPU runs it natively (compute capability 8.0+), else fp16 with loss
+    # scaling; fp32 on the CPU. Resolved per run before anything trains (model/precision.py),
+    # and the run records the value that ran.
+    auto = "auto"
     fp32 = "fp32"
     fp16 = "fp16"
     bf16 = "bf16"
@@ -179,9 +184,12 @@ class TrainerConfig:
     warmup_steps: int = 0
     optimizer: Optimizer = Optimizer.adamw
     weight_decay: float = 1e-2
-    precision: Precision = Precision.bf16
+    precision: Precision = Precision.auto
     base_weights: BaseWeights = BaseWeights.compute
-    gradient_checkpointing: bool = True
+    # true | false | auto: off where the dry run predicts the variant fits the memory budget
+    # without it, on otherwise (and on where there is no prediction: CPU, the tiny model);
+    # resolved per run (train/auto.py), which records the value that ran.
+    gradient_checkpointing: Union[bool, str] = "auto"
     max_grad_norm: Optional[float] = 1.0
     noise_offset: float = 0.0
     snr_gamma: Optional[float] = None  # min-SNR-gamma loss weighting, e.g. 5.0
@@ -215,13 +223,43 @@ class TrainerConfig:
     force: bool = False
 
 
+MIB = 1024**2
+
+
 @dataclass
 class MemoryConfig:
-    budget_gib: float = 16.0
-    # Cap the CUDA process at the budget, so a variant that would not fit a 16 GB card
-    # fails here too, even on a larger GPU.
+    """The memory budget: a card profile (conf/memory/<card>.yaml) or a plain allocator budget.
+
+    A card profile gives the card's reported total and what a process holds outside PyTorch's
+    allocator there (CUDA context, library kernels and workspaces); the allocator may then take
+    `card_total_mib - overhead_mib` (`budget()`), and the peak the card would see is the
+    allocator's peak reserved plus the overhead. The defaults are the T4's (conf/memory/t4_16gb.yaml
+    says where each number comes from)."""
+
+    card: Optional[str] = "Tesla T4"  # the card this budget emulates (null: none)
+    card_total_mib: Optional[int] = 15360  # the card's reported total memory
+    overhead_mib: int = 1024  # held outside the allocator on that card (provisional: see the profile)
+    bf16_native: Optional[bool] = False  # the card runs bf16 natively (compute capability 8.0+)
+    total_source: str = "nvidia-smi total of a Tesla T4 as commonly reported (15360MiB); not measured here"
+    overhead_source: str = ("provisional (public reports, not measured here): ~450 MiB the driver does not give "
+                            "CUDA + ~400 MB context (pytorch/pytorch#107667, #109888), rounded up - measure with "
+                            "python -m sdxl_ablate.perf.card_overhead")
+    # A plain allocator budget instead of a card profile (memory=unlimited); null with a card.
+    budget_gib: Optional[float] = None
+    # Cap the CUDA process at the budget, so a variant that would not fit the card fails here
+    # too, even on a larger GPU.
     enforce: bool = True
     expandable_segments: bool = True
+
+    def budget(self) -> float:
+        """GiB the allocator may reserve: the card's total less the overhead, or budget_gib."""
+        if self.card_total_mib is not None:
+            return (self.card_total_mib - self.overhead_mib) * MIB / 1024**3
+        return float(self.budget_gib)  # type: ignore[arg-type]
+
+    def overhead_gib(self) -> float:
+        """What the card would hold beyond the allocator's reserved memory (0 without a card)."""
+        return self.overhead_mib * MIB / 1024**3 if self.card_total_mib is not None else 0.0
 
 
 @dataclass
@@ -342,8 +380,10 @@ def cross_field_problems(cfg: Config) -> list[str]:
     if tr.base_weights == BaseWeights.fp8 and lo.use_dora:
         p.append("trainer.base_weights=fp8 with lora.use_dora=true: DoRA needs the base weights "
                  "in a float dtype; use trainer.base_weights=compute")
-    if cfg.memory.budget_gib <= 0:
-        p.append(f"memory.budget_gib={cfg.memory.budget_gib}: must be > 0")
+    p += memory_problems(cfg.memory)
+    gc = tr.gradient_checkpointing
+    if not isinstance(gc, bool) and gc != "auto":
+        p.append(f"trainer.gradient_checkpointing={gc!r}: must be true, false or auto")
     if ev.enabled and not ev.prompts:
         p.append("eval.prompts is empty: give at least one prompt or set eval.enabled=false")
     if ev.steps < 1:
@@ -357,6 +397,29 @@ def cross_field_problems(cfg: Config) -> list[str]:
     dev = cfg.device
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         p.append(f"device={dev!r}: must be auto, cpu, cuda or cuda:N")
+    return p
+
+
+def memory_problems(m: MemoryConfig) -> list[str]:
+    """A card profile (card_total_mib, overhead_mib) or a plain budget (budget_gib), not both."""
+    p: list[str] = []
+    if m.card_total_mib is not None and m.budget_gib is not None:
+        p.append(f"memory.budget_gib={m.budget_gib} with memory.card_total_mib={m.card_total_mib}: a card "
+                 "profile's budget is its total less memory.overhead_mib; set memory.card_total_mib=null for "
+                 "a plain budget (as memory=unlimited does), or drop memory.budget_gib")
+    elif m.card_total_mib is None and m.budget_gib is None:
+        p.append("memory: neither memory.card_total_mib (a card profile, e.g. memory=t4_16gb) nor "
+                 "memory.budget_gib (a plain budget) is set")
+    if m.card_total_mib is not None:
+        if m.card_total_mib <= 0:
+            p.append(f"memory.card_total_mib={m.card_total_mib}: must be > 0 (MiB, e.g. 15360 for a T4)")
+        if m.overhead_mib < 0:
+            p.append(f"memory.overhead_mib={m.overhead_mib}: must be >= 0 (MiB held outside the allocator)")
+        elif m.card_total_mib > 0 and m.overhead_mib >= m.card_total_mib:
+            p.append(f"memory.overhead_mib={m.overhead_mib}: must be below memory.card_total_mib="
+                     f"{m.card_total_mib}, or nothing is left for the allocator")
+    if m.budget_gib is not None and m.budget_gib <= 0:
+        p.append(f"memory.budget_gib={m.budget_gib}: must be > 0")
     return p
 
 
