@@ -67,6 +67,9 @@ def test_nothing_held_out_uses_training_images_and_says_so(tmp_path, caplog):
     assert "TRAINING images" in caplog.text and "eval.reference=train" in caplog.text
     held = load_data(to_typed(compose_config(["model=tiny", "data=sample", "data.sample_size=6"])).data)
     assert reference_set(held, 4) == (held.heldout, False)
+    # A hold-out asked for but empty (every held-out image unreadable) never falls back to training images.
+    emptied = type(data)(train=data.train, heldout=[], skipped=[], source=data.source)
+    assert reference_set(emptied, 4) == ([], False)
 
 
 def test_fp32_base_weights_keep_the_frozen_unet_in_fp32_under_a_half_precision():

@@ -65,6 +65,9 @@ def reference_set(data: LoadedData, heldout: int) -> tuple[list[Example], bool]:
     numbers then measure fit to the training set, not generalisation."""
     if data.heldout:
         return data.heldout, False
+    if heldout > 0 or not data.train:  # a hold-out was asked for but none is readable: no reference
+        log.warning("no held-out images (data.heldout=%d): no held-out loss, no clip_style", heldout)
+        return [], False
     reference = data.train[-TRAINED_REFERENCE_IMAGES:]
     log.warning("data.heldout=%d: nothing is held out, so the held-out loss and clip_style use the last %d "
                 "TRAINING images (tag eval.reference=train): they measure fit, not generalisation",
