@@ -44,8 +44,8 @@ def test_each_optimizer_trains_the_lora_and_nothing_else(tmp_path, optimizer, lr
 
 def test_grad_accumulation_runs_that_many_micro_batches_per_step(tmp_path, monkeypatch):
     calls = []
-    real = objective.denoising_loss
-    monkeypatch.setattr(objective, "denoising_loss", lambda *a, **k: calls.append(a[2].shape[0]) or real(*a, **k))
+    real = objective.per_sample_loss
+    monkeypatch.setattr(objective, "per_sample_loss", lambda *a, **k: calls.append(a[2].shape[0]) or real(*a, **k))
     cfg, c, data = setup(tmp_path, "trainer.max_steps=3", "trainer.grad_accum=2", "trainer.batch_size=3")
     result = train_mod.train(c, data, cfg, torch.device("cpu"))
     assert calls == [3] * 6 and result.images_per_step == 6 and result.steps == 3

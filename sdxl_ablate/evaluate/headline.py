@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 
 PREFIX = "ablation/"
 
+# What a CLIP score of the random `eval=tiny` scorer is, wherever it is shown: the run's
+# `clip_scorer` tag (evaluate/scores.py) and every label the report gives such a score.
+RANDOM_CLIP_LABEL = "smoke test: random CLIP"
+
 # summary name -> the logged metric it copies
 _COPIED = {
     "clip_style": "eval/clip_style",

@@ -9,7 +9,9 @@ picks another, `--all-sweeps` merges them. Runs that differ only in `trainer.see
 variant: the report gives their mean and spread (sample standard deviation) and marks the
 variants whose score is within noise of the best one's.
 
-Writes into the output folder (default reports/<study>):
+Writes into the output folder (default reports/<study>/<sweep id>/, or all-sweeps/; the
+study's `latest` link points at the newest complete sweep's folder, and an incomplete sweep's
+report says so in its first line and never takes a complete one's place):
 
 - `ablation.md`: the verdict (best variant, its lift over the base model, memory and speed,
   the Pareto set of score and memory, failed and no-effect variants and why), the table
@@ -37,7 +39,8 @@ from pathlib import Path
 from typing import Any, Optional
 from sdxl_ablate.report.analysis import DEFAULT_SCORES, SCORES, analyse
 from sdxl_ablate.report.figures import plot_loss_curves, plot_score_vs_memory, prompt_grids
-from sdxl_ablate.report.runs import ReportError, RunRecord, download_images, read_runs, select_runs
+from sdxl_ablate.report.runs import (ReportError, RunRecord, completeness, download_images, read_study,
+                                     select_runs)
 from sdxl_ablate.report.tables import render_markdown, write_runs_csv, write_variants_csv
 
 
@@ -50,7 +53,7 @@ FIXED_OUTPUTS = ("ablation.md", "ablation.csv", "runs.csv", "score_vs_memory.png
 
 
 def write_report(study: str, runs: list[RunRecord], sweep_ids: list[str], out: Path, uri: str,
-                 score: Optional[str] = None) -> tuple[str, list[Path]]:
+                 score: Optional[str] = None, status_line: str = "", started: int = 0) -> tuple[str, list[Path]]:
     """Writes the report files into `out`; returns (the markdown, the files written)."""
     out.mkdir(parents=True, exist_ok=True)
     for old in [*FIXED_OUTPUTS, *(p.name for p in out.glob("grid_*.png"))]:  # no stale file passes for new
@@ -63,9 +66,35 @@ def write_report(study: str, runs: list[RunRecord], sweep_ids: list[str], out: P
     grids = prompt_grids(a)
     for name, image in grids:
         image.save(out / name)
-    text = render_markdown(study, a, runs, sweep_ids, uri, [name for name, _ in grids])
+    text = render_markdown(study, a, runs, sweep_ids, uri, [name for name, _ in grids], status_line, started)
     (out / "ablation.md").write_text(text)
     return text, [out / n for n in FIXED_OUTPUTS] + [out / n for n, _ in grids]
+
+
+LATEST = "latest"
+COMPLETE_MARK = ".complete"  # in a sweep's report folder: the sweep had every job done
+
+
+def report_folder(study_dir: Path, sweep_ids: list[str]) -> Path:
+    """reports/<study>/<sweep id>/ (all-sweeps/ when several are merged)."""
+    return study_dir / (sweep_ids[0] if len(sweep_ids) == 1 else "all-sweeps")
+
+
+def link_latest(study_dir: Path, folder: Path, complete: bool) -> Optional[str]:
+    """Points reports/<study>/latest at `folder`, except that an incomplete sweep never takes the
+    place of a complete one; returns why it was left alone, or None."""
+    link = study_dir / LATEST
+    current = link.resolve() if link.is_symlink() else None
+    if not complete and current is not None and (current / COMPLETE_MARK).exists() and current != folder.resolve():
+        return f"{link} still points at the complete sweep {current.name}"
+    (folder / COMPLETE_MARK).unlink(missing_ok=True)
+    if complete:
+        (folder / COMPLETE_MARK).touch()
+    if link.is_symlink() or not link.exists():
+        link.unlink(missing_ok=True)
+        link.symlink_to(folder.name, target_is_directory=True)  # relative: the folder can move
+        return None
+    return f"{link} exists and is not a link; left alone"
 
 
 def log_report(uri: str, study: str, files: list[Path], sweep_ids: list[str], params: dict[str, Any]) -> str:
@@ -93,36 +122,44 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                    help=f"the score that ranks variants, one of {', '.join(SCORES)} (default: the first measured of "
                         f"{', '.join(DEFAULT_SCORES)})")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///<cwd>/mlflow.db)")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default: reports/<study>)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default: reports/<study>/<sweep id>, linked as reports/<study>/latest)")
     p.add_argument("--no-log", action="store_true", help="write the files only, log no report run to MLflow")
     return p.parse_args(argv)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from mlflow.tracking import MlflowClient
-
     from sdxl_ablate.config import TrackingConfig
-    from sdxl_ablate.track.tracker import resolve_uri
+    from sdxl_ablate.track.tracker import connect, resolve_uri
 
     # MLflow's own switch: no progress bar for each of the many small downloads below.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     args = parse_args(argv)
     uri = args.tracking_uri or resolve_uri(TrackingConfig())
-    out = args.out or Path("reports") / args.study
-    client = MlflowClient(tracking_uri=uri)
+    client = connect(uri)
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            runs, sweep_ids = select_runs(read_runs(client, args.study, None), args.sweep, args.all_sweeps)
+            records, parents = read_study(client, args.study)
+            runs, sweep_ids = select_runs(records, args.sweep, args.all_sweeps)
+            state = completeness(runs, sweep_ids[0], parents) if len(sweep_ids) == 1 else None
+            study_dir = Path("reports") / args.study
+            out = args.out or report_folder(study_dir, sweep_ids)
             for r in runs:
                 download_images(client, r, Path(tmp))
-            text, files = write_report(args.study, runs, sweep_ids, out, uri, args.score)
+            started = parents[sweep_ids[0]].start_time if state is not None and sweep_ids[0] in parents else 0
+            text, files = write_report(args.study, runs, sweep_ids, out, uri, args.score,
+                                       state.line(sweep_ids[0]) if state else "", started)
     except ReportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    kept = None if args.out else link_latest(study_dir, out, state is None or state.complete)
     if not args.no_log:
         log_report(uri, args.study, files, sweep_ids, {"score": args.score or "default", "sweeps": ",".join(sweep_ids),
                                                        "runs": len(runs)})
-    print(text.split("## Plots")[0].rstrip())
-    print(f"\nReport: {(out / 'ablation.md').resolve()} (plots and image grids beside it)\n"
-          f"Runs: MLflow experiment '{args.study}' at {uri} (make mlflow-ui to browse)")
+    # The terminal gets the verdict (the table is in the file) and where the report is.
+    verdict_part = text.split("## Variants")[0].rstrip()
+    print(verdict_part)
+    print(f"\nReport: {(out / 'ablation.md').resolve()} (table, plots and image grids there)"
+          + ("" if args.out else f"\nLatest: {(study_dir / LATEST / 'ablation.md')}" + (f" ({kept})" if kept else ""))
+          + f"\nRuns: MLflow experiment '{args.study}' at {uri} (make mlflow-ui to browse)")
     return 0
