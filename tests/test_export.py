@@ -14,6 +14,7 @@ from sdxl_ablate.model import kohya
 from sdxl_ablate.config import LoraConfig, Targets
 from sdxl_ablate.export.lora_export import (
     DORA_NOTE,
+    KohyaModule,
     base_model,
     kohya_metadata,
     ExportError,
@@ -475,7 +476,7 @@ def test_the_base_model_in_the_metadata_is_what_the_run_trained_on():
     assert "random weights" in base_model("sdxl_random").name and "random weights" in base_model("tiny").name
     with pytest.raises(ExportError, match="model.kind='sd15': expected one of pretrained, tiny, sdxl_random"):
         base_model("sd15")
-    meta = kohya_metadata([], "te_all seed=1", False, base=hub)
+    meta = kohya_metadata([KohyaModule("lora_unet_x", "unet", 4, 4.0, 1)], "te_all seed=1", False, base=hub)
     assert meta["modelspec.title"] == "te_all seed=1 (stabilityai/stable-diffusion-xl-base-1.0)"
     assert meta["ss_sd_model_name"] == "stabilityai/stable-diffusion-xl-base-1.0"
     assert meta["ss_output_name"] == "te_all seed=1"

@@ -418,3 +418,8 @@ def test_a_report_per_sweep_an_incomplete_one_says_so_and_never_replaces_a_compl
     assert "still points at the complete sweep s1" in printed
     assert printed.splitlines()[0].startswith("**Incomplete sweep s2")
     assert "## Variants" not in printed and "| Variant |" not in printed  # the verdict, not the table
+    # One click to the sweep's variants in the MLflow UI, sorted by the headline of the ranking score.
+    exp_id = client.get_experiment_by_name("st").experiment_id
+    assert (f"MLflow UI (make mlflow-ui): http://127.0.0.1:5000/#/experiments/{exp_id}/runs?searchFilter="
+            "tags.kind%20%3D%20%27variant%27%20and%20tags.sweep_id%20%3D%20%27s2%27"
+            "&orderByKey=metrics.%60ablation%2Ffinal_loss%60&orderByAsc=true") in printed

@@ -66,3 +66,16 @@ def test_ui_check_unknown_study_is_a_clear_error(tmp_path, capsys):
     assert main(["--study", "nope", "--tracking-uri", uri, "--out", str(tmp_path / "ui"),
                  "--chromium", "/bin/true"]) == 2
     assert "no study 'nope'" in capsys.readouterr().err
+
+
+def test_ui_check_fails_on_a_running_run_before_any_browser(tmp_path, capsys):
+    """A run in scope left RUNNING (no status) is named, and no browser is needed to say so."""
+    uri = make_study(tmp_path, with_summary=True)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("uistudy").experiment_id
+    stuck = client.create_run(exp, run_name="variant=te_all",
+                              tags={"kind": "variant", "sweep_id": "abc123"}).info.run_id
+    assert main(["--study", "uistudy", "--tracking-uri", uri, "--out", str(tmp_path / "ui"),
+                 "--chromium", "/bin/true"]) == 1
+    err = capsys.readouterr().err
+    assert f"run variant=te_all ({stuck}) is RUNNING (no status recorded)" in err

@@ -45,6 +45,7 @@ from sdxl_ablate.model.placement import place
 from sdxl_ablate.data.precompute import encode_images, encode_prompts, prepare_example
 from sdxl_ablate.model.precision import compute_dtype, vae_dtype
 from sdxl_ablate.train.objective import per_sample_loss
+from sdxl_ablate.track.quiet import no_transformers_bars
 from sdxl_ablate.evaluate.grid import make_grid
 from sdxl_ablate.evaluate.headline import RANDOM_CLIP_LABEL, lift
 
@@ -361,7 +362,8 @@ def evaluate(components, lora_file: Path, data: LoadedData, cfg: Config, device:
     resolution = ev.resolution or cfg.data.resolution
     pipe = inference_pipeline(components, cfg, device)
     base_images = generate(pipe, jobs, ev, resolution, bar.update)
-    load_lora(pipe, lora_file, fuse=ev.fuse_lora)
+    with no_transformers_bars():  # its "Loading weights" bar would break the evaluation's bar
+        load_lora(pipe, lora_file, fuse=ev.fuse_lora)
     lora_images = generate(pipe, jobs, ev, resolution, bar.update)
 
     clip = load_clip(ev, device)

@@ -53,8 +53,8 @@ FIXED_OUTPUTS = ("ablation.md", "ablation.csv", "runs.csv", "score_vs_memory.png
 
 
 def write_report(study: str, runs: list[RunRecord], sweep_ids: list[str], out: Path, uri: str,
-                 score: Optional[str] = None, status_line: str = "", started: int = 0) -> tuple[str, list[Path]]:
-    """Writes the report files into `out`; returns (the markdown, the files written)."""
+                 score: Optional[str] = None, status_line: str = "", started: int = 0) -> tuple[str, list[Path], str]:
+    """Writes the report files into `out`; returns (the markdown, the files written, the score that ranked)."""
     out.mkdir(parents=True, exist_ok=True)
     for old in [*FIXED_OUTPUTS, *(p.name for p in out.glob("grid_*.png"))]:  # no stale file passes for new
         (out / old).unlink(missing_ok=True)
@@ -68,7 +68,7 @@ def write_report(study: str, runs: list[RunRecord], sweep_ids: list[str], out: P
         image.save(out / name)
     text = render_markdown(study, a, runs, sweep_ids, uri, [name for name, _ in grids], status_line, started)
     (out / "ablation.md").write_text(text)
-    return text, [out / n for n in FIXED_OUTPUTS] + [out / n for n, _ in grids]
+    return text, [out / n for n in FIXED_OUTPUTS] + [out / n for n, _ in grids], a.score.metric
 
 
 LATEST = "latest"
@@ -147,7 +147,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             for r in runs:
                 download_images(client, r, Path(tmp))
             started = parents[sweep_ids[0]].start_time if state is not None and sweep_ids[0] in parents else 0
-            text, files = write_report(args.study, runs, sweep_ids, out, uri, args.score,
+            text, files, ranked_by = write_report(args.study, runs, sweep_ids, out, uri, args.score,
                                        state.line(sweep_ids[0]) if state else "", started)
     except ReportError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -159,7 +159,39 @@ def main(argv: Optional[list[str]] = None) -> int:
     # The terminal gets the verdict (the table is in the file) and where the report is.
     verdict_part = text.split("## Variants")[0].rstrip()
     print(verdict_part)
+    ui = ui_link(client, args.study, sweep_ids, runs, ranked_by)
     print(f"\nReport: {(out / 'ablation.md').resolve()} (table, plots and image grids there)"
           + ("" if args.out else f"\nLatest: {(study_dir / LATEST / 'ablation.md')}" + (f" ({kept})" if kept else ""))
-          + f"\nRuns: MLflow experiment '{args.study}' at {uri} (make mlflow-ui to browse)")
+          + f"\nRuns: MLflow experiment '{args.study}' at {uri}"
+          + (f"\nMLflow UI (make mlflow-ui): {ui}" if ui else ""))
     return 0
+
+
+UI_BASE = "http://127.0.0.1:5000"  # where `make mlflow-ui` serves
+
+
+# The headline metric (evaluate/headline.py) of each ranking score, and whether higher is better.
+HEADLINE_OF = {"eval/heldout_loss": ("ablation/heldout_loss_drop", True),
+               "eval/clip_style": ("ablation/clip_style_lift", True),
+               "eval/clip_text": ("ablation/clip_text_lift", True),
+               "train/final_loss": ("ablation/final_loss", False)}
+
+
+def ui_link(client, study: str, sweep_ids: list[str], runs: list[RunRecord], score: str) -> Optional[str]:
+    """The MLflow UI's runs table of exactly the report's variant runs, sorted by the headline
+    score: a URL whose `searchFilter` and `orderByKey` the UI reads (MLflow 3's runs page)."""
+    import urllib.parse
+
+    exp = client.get_experiment_by_name(study)
+    if exp is None or not runs:
+        return None
+    reused = any(r.sweep_id not in sweep_ids for r in runs)
+    if len(sweep_ids) == 1 and not reused and sweep_ids != ["legacy"]:
+        flt = f"tags.kind = 'variant' and tags.sweep_id = '{sweep_ids[0]}'"
+    else:  # runs of other sweeps reused here, or merged sweeps: name the runs
+        flt = "attributes.run_id IN (" + ", ".join(f"'{r.run_id}'" for r in runs) + ")"
+    key, descending = HEADLINE_OF[score]
+    query = urllib.parse.urlencode({"searchFilter": flt, "orderByKey": f"metrics.`{key}`",
+                                    "orderByAsc": "false" if descending else "true"},
+                                   quote_via=urllib.parse.quote)
+    return f"{UI_BASE}/#/experiments/{exp.experiment_id}/runs?{query}"

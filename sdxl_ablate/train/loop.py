@@ -20,6 +20,7 @@ from typing import Callable, ContextManager
 
 import torch
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from sdxl_ablate.config import Config
 from sdxl_ablate.data.datasets import LoadedData
@@ -274,7 +275,8 @@ def train(components, data: LoadedData, cfg: Config, device: torch.device,
                unit="step", dynamic_ncols=True)
     # A graph is captured off the default stream, and the warm-up steps whose backward made the
     # gradient accumulators must have run there too: with graphs the loop runs on a side stream.
-    with side_stream(device) if s.graphed is not None else contextlib.nullcontext():
+    # Log lines (a checkpoint written, a step skipped) go through tqdm, above the bar, not into it.
+    with side_stream(device) if s.graphed is not None else contextlib.nullcontext(), logging_redirect_tqdm():
         for step in bar:
             with hooks.step(step):
                 began = state.timer.start()

@@ -3,7 +3,8 @@
     python -m tests.e2e.ui_check --study NAME [--tracking-uri URI] [--out DIR] [--chromium PATH]
 
 1. Reads the study's latest sweep from the store (as the report does) and checks that every
-   finished variant has its headline metrics (`ablation/*`, see sdxl_ablate/evaluate/headline.py).
+   finished variant has its headline metrics (`ablation/*`, see sdxl_ablate/evaluate/headline.py)
+   and that no run of it is still RUNNING (no status recorded).
 2. Starts `mlflow ui` on 127.0.0.1 on a free port over the same store and asks its REST API
    for the same runs and metrics: what the UI will show.
 3. Opens Debian's chromium headless (install: `apt-get update && apt-get install -y chromium`)
@@ -198,6 +199,10 @@ def expected_runs(uri: str, study: str) -> tuple[Expected, list[str]]:
         raise UiCheckError(str(e)) from e
     problems = []
     for r in runs:
+        if r.status == "running":  # no end recorded: still going, or its process died unseen
+            problems.append(f"run {r.name} ({r.run_id}) is RUNNING (no status recorded): the sweep is not "
+                            "finished, or the run was cut off; its numbers are not final")
+            continue
         if r.status != "ok":
             continue
         needed = HEADLINE + (EVALUATED if "eval/heldout_loss" in r.metrics else ())
@@ -480,6 +485,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         binary = find_chromium(args.chromium)
         expected, problems = expected_runs(uri, args.study)
+        if problems:  # the store already says the UI cannot show the answer: no browser needed
+            print("ui-check FAILED:\n  - " + "\n  - ".join(problems), file=sys.stderr)
+            return 1
         port = free_port()
         server = start_server(uri, port, out / "mlflow-ui.log")
         problems += api_problems(expected, api_runs(port, expected.experiment_id))
