@@ -40,6 +40,7 @@ METRICS = {
     # The noise of each (issue 19): per image for CLIP (paired for the lifts), per pair for the loss.
     "eval/heldout_loss_se", "eval/heldout_loss_base_se", "eval/clip_style_se", "eval/clip_text_se",
     "eval/clip_style_base_se", "eval/clip_text_base_se", "eval/clip_style_lift_se", "eval/clip_text_lift_se",
+    "eval/clip_random",  # 1: eval=tiny's random CLIP
 }
 
 
@@ -243,6 +244,7 @@ def test_evaluate_end_to_end(tmp_path, store):
     logged = client.get_run(tracker.run_id).data.metrics
     assert logged == pytest.approx(metrics)
     assert client.get_run(tracker.run_id).data.tags["clip_scorer"] == "smoke test: random CLIP"
+    assert metrics["eval/clip_random"] == 1.0
     assert Image.open(out_dir / "grid.png").size == grid_layout((64, 64), n).size
 
 
@@ -255,7 +257,7 @@ def test_evaluate_without_heldout_images_skips_the_loss_and_style(tmp_path, stor
             metrics = evaluate(components, lora_file, data, cfg, torch.device("cpu"), tracker, tmp_path / "eval")
             tracker.set_status("ok")
     assert set(metrics) == {"eval/clip_text", "eval/clip_text_base", "eval/clip_text_lift", "eval/clip_text_se",
-                            "eval/clip_text_base_se", "eval/clip_text_lift_se"}
+                            "eval/clip_text_base_se", "eval/clip_text_lift_se", "eval/clip_random"}
     assert "no held-out images" in caplog.text
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import statistics
 from pathlib import Path
@@ -423,3 +424,16 @@ def test_a_report_per_sweep_an_incomplete_one_says_so_and_never_replaces_a_compl
     assert (f"MLflow UI (make mlflow-ui): http://127.0.0.1:5000/#/experiments/{exp_id}/runs?searchFilter="
             "tags.kind%20%3D%20%27variant%27%20and%20tags.sweep_id%20%3D%20%27s2%27"
             "&orderByKey=metrics.%60ablation%2Ffinal_loss%60&orderByAsc=true") in printed
+    # Logged, the report stores that view in the experiment (the UI's shared view): filter, sort
+    # and the headline columns, under the sweep's key and, for the latest complete sweep, "ablation".
+    client.log_metric(client.search_runs([exp_id], "attributes.run_name = 'a'")[0].info.run_id,
+                      "ablation/final_loss", 0.5)
+    assert main(["--study", "st", "--tracking-uri", uri, "--sweep", "s1"]) == 0
+    assert (f"MLflow UI (make mlflow-ui): http://127.0.0.1:5000/#/experiments/{exp_id}/runs"
+            "?viewStateShareKey=ablation-s1") in capsys.readouterr().out
+    tags = client.get_experiment(exp_id).tags
+    view = json.loads(tags["mlflow.sharedViewState.ablation-s1"])
+    assert view == {"searchFilter": "tags.kind = 'variant' and tags.sweep_id = 's1'",
+                    "orderByKey": "metrics.`ablation/final_loss`", "orderByAsc": True, "startTime": "ALL",
+                    "selectedColumns": ["metrics.`ablation/final_loss`"]}
+    assert json.loads(tags["mlflow.sharedViewState.ablation"]) == view

@@ -159,7 +159,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     # The terminal gets the verdict (the table is in the file) and where the report is.
     verdict_part = text.split("## Variants")[0].rstrip()
     print(verdict_part)
-    ui = ui_link(client, args.study, sweep_ids, runs, ranked_by)
+    became_latest = not args.out and kept is None
+    keys = [] if args.no_log else ["ablation-" + "-".join(sweep_ids)[:100]] + ([LATEST_VIEW] if became_latest else [])
+    ui = ui_link(client, args.study, ui_view(runs, sweep_ids, ranked_by), keys)
     print(f"\nReport: {(out / 'ablation.md').resolve()} (table, plots and image grids there)"
           + ("" if args.out else f"\nLatest: {(study_dir / LATEST / 'ablation.md')}" + (f" ({kept})" if kept else ""))
           + f"\nRuns: MLflow experiment '{args.study}' at {uri}"
@@ -177,21 +179,39 @@ HEADLINE_OF = {"eval/heldout_loss": ("ablation/heldout_loss_drop", True),
                "train/final_loss": ("ablation/final_loss", False)}
 
 
-def ui_link(client, study: str, sweep_ids: list[str], runs: list[RunRecord], score: str) -> Optional[str]:
-    """The MLflow UI's runs table of exactly the report's variant runs, sorted by the headline
-    score: a URL whose `searchFilter` and `orderByKey` the UI reads (MLflow 3's runs page)."""
-    import urllib.parse
-
-    exp = client.get_experiment_by_name(study)
-    if exp is None or not runs:
-        return None
+def ui_view(runs: list[RunRecord], sweep_ids: list[str], score: str) -> dict:
+    """The MLflow UI's runs-table state for exactly the report's variant runs: their filter, sorted
+    by the headline of the ranking score, the headline numbers (and its SE) as columns."""
     reused = any(r.sweep_id not in sweep_ids for r in runs)
     if len(sweep_ids) == 1 and not reused and sweep_ids != ["legacy"]:
         flt = f"tags.kind = 'variant' and tags.sweep_id = '{sweep_ids[0]}'"
     else:  # runs of other sweeps reused here, or merged sweeps: name the runs
         flt = "attributes.run_id IN (" + ", ".join(f"'{r.run_id}'" for r in runs) + ")"
     key, descending = HEADLINE_OF[score]
-    query = urllib.parse.urlencode({"searchFilter": flt, "orderByKey": f"metrics.`{key}`",
-                                    "orderByAsc": "false" if descending else "true"},
-                                   quote_via=urllib.parse.quote)
-    return f"{UI_BASE}/#/experiments/{exp.experiment_id}/runs?{query}"
+    columns = [key, f"{key}_se", "ablation/peak_memory_gib", "ablation/images_per_s", "ablation/final_loss"]
+    logged = {m for r in runs for m in r.metrics}
+    return {"searchFilter": flt, "orderByKey": f"metrics.`{key}`", "orderByAsc": not descending,
+            "startTime": "ALL", "selectedColumns": [f"metrics.`{c}`" for c in dict.fromkeys(columns) if c in logged]}
+
+
+VIEW_TAG = "mlflow.sharedViewState."  # the UI's shared views: experiment tags it opens by key
+LATEST_VIEW = "ablation"  # the view of the study's latest complete report
+
+
+def ui_link(client, study: str, view: dict, share_keys: list[str]) -> Optional[str]:
+    """A link to the runs table in `view`: stored as the UI's shared view under each key (MLflow
+    3 opens `?viewStateShareKey=KEY` with its filter, sort and columns), linked by the first;
+    with no keys, a link carrying the filter and sort only (the UI then shows no metric column)."""
+    import json
+    import urllib.parse
+
+    exp = client.get_experiment_by_name(study)
+    if exp is None:
+        return None
+    page = f"{UI_BASE}/#/experiments/{exp.experiment_id}/runs"
+    for key in share_keys:
+        client.set_experiment_tag(exp.experiment_id, VIEW_TAG + key, json.dumps(view))
+    if share_keys:
+        return f"{page}?viewStateShareKey={share_keys[0]}"
+    query = {k: str(v).lower() if isinstance(v, bool) else v for k, v in view.items() if k != "selectedColumns"}
+    return f"{page}?{urllib.parse.urlencode(query, quote_via=urllib.parse.quote)}"
