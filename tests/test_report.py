@@ -307,6 +307,10 @@ def test_a_random_clip_never_ranks_and_is_labelled_wherever_it_appears(tmp_path)
     assert "CLIP style score (smoke test: random CLIP)" in header
     write_variants_csv(a, tmp_path / "a.csv")
     assert {row["clip_scorer"] for row in read_csv(tmp_path / "a.csv")} == {"smoke test: random CLIP"}
+    from sdxl_ablate.report.tables import write_runs_csv
+
+    write_runs_csv(runs, tmp_path / "r.csv")
+    assert {row["clip_scorer"] for row in read_csv(tmp_path / "r.csv")} == {"smoke test: random CLIP"}
     # Asked for by name, the random CLIP ranks, and says what it is in the verdict and the plot.
     b = analyse(runs, "eval/clip_style")
     assert b.score.random_clip and b.score.title == "CLIP style score (smoke test: random CLIP)"
@@ -419,6 +423,11 @@ def test_a_report_per_sweep_an_incomplete_one_says_so_and_never_replaces_a_compl
     assert "still points at the complete sweep s1" in printed
     assert printed.splitlines()[0].startswith("**Incomplete sweep s2")
     assert "## Variants" not in printed and "| Variant |" not in printed  # the verdict, not the table
+    # Merged sweeps get their own folder and never move latest.
+    assert main(["--study", "st", "--tracking-uri", uri, "--all-sweeps", "--no-log"]) == 0
+    assert (tmp_path / "reports/st/all-sweeps/ablation.md").is_file()
+    assert (tmp_path / "reports/st/latest").resolve() == (tmp_path / "reports/st/s1").resolve()
+    printed += capsys.readouterr().out
     # One click to the sweep's variants in the MLflow UI, sorted by the headline of the ranking score.
     exp_id = client.get_experiment_by_name("st").experiment_id
     assert (f"MLflow UI (make mlflow-ui): http://127.0.0.1:5000/#/experiments/{exp_id}/runs?searchFilter="
@@ -437,3 +446,14 @@ def test_a_report_per_sweep_an_incomplete_one_says_so_and_never_replaces_a_compl
                     "orderByKey": "metrics.`ablation/final_loss`", "orderByAsc": True, "startTime": "ALL",
                     "selectedColumns": ["metrics.`ablation/final_loss`"]}
     assert json.loads(tags["mlflow.sharedViewState.ablation"]) == view
+
+
+def test_an_older_sweep_never_takes_latest_from_a_newer_one(tmp_path):
+    from sdxl_ablate.report.study import COMPLETE_MARK, link_latest
+
+    for name in ("s1", "s2"):
+        (tmp_path / name).mkdir()
+    assert link_latest(tmp_path, tmp_path / "s2", True, ["s1", "s2"]) is None
+    assert (tmp_path / "s2" / COMPLETE_MARK).exists()
+    assert link_latest(tmp_path, tmp_path / "s1", True, ["s1", "s2"]) == f"{tmp_path / 'latest'} still points at the newer sweep s2"
+    assert (tmp_path / "latest").resolve() == (tmp_path / "s2").resolve()

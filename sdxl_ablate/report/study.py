@@ -40,7 +40,7 @@ from typing import Any, Optional
 from sdxl_ablate.report.analysis import DEFAULT_SCORES, SCORES, analyse
 from sdxl_ablate.report.figures import plot_loss_curves, plot_score_vs_memory, prompt_grids
 from sdxl_ablate.report.runs import (ReportError, RunRecord, completeness, download_images, read_study,
-                                     select_runs)
+                                     select_runs, sweeps)
 from sdxl_ablate.report.tables import render_markdown, write_runs_csv, write_variants_csv
 
 
@@ -80,13 +80,17 @@ def report_folder(study_dir: Path, sweep_ids: list[str]) -> Path:
     return study_dir / (sweep_ids[0] if len(sweep_ids) == 1 else "all-sweeps")
 
 
-def link_latest(study_dir: Path, folder: Path, complete: bool) -> Optional[str]:
-    """Points reports/<study>/latest at `folder`, except that an incomplete sweep never takes the
-    place of a complete one; returns why it was left alone, or None."""
+def link_latest(study_dir: Path, folder: Path, complete: bool, order: list[str]) -> Optional[str]:
+    """Points reports/<study>/latest at `folder` (a sweep's report; `order`: the study's sweep ids,
+    oldest first), except that an incomplete sweep never takes the place of a complete one, nor
+    an older sweep that of a newer one; returns why it was left alone, or None."""
     link = study_dir / LATEST
     current = link.resolve() if link.is_symlink() else None
-    if not complete and current is not None and (current / COMPLETE_MARK).exists() and current != folder.resolve():
-        return f"{link} still points at the complete sweep {current.name}"
+    if current is not None and current != folder.resolve():
+        if not complete and (current / COMPLETE_MARK).exists():
+            return f"{link} still points at the complete sweep {current.name}"
+        if current.name in order and folder.name in order and order.index(current.name) > order.index(folder.name):
+            return f"{link} still points at the newer sweep {current.name}"
     (folder / COMPLETE_MARK).unlink(missing_ok=True)
     if complete:
         (folder / COMPLETE_MARK).touch()
@@ -152,15 +156,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ReportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    kept = None if args.out else link_latest(study_dir, out, state is None or state.complete)
+    if args.out or state is None:  # a folder of the user's, or merged sweeps: not a sweep's report
+        kept = "left as it was: merged sweeps are no sweep's report" if state is None and not args.out else None
+        linked = False
+    else:
+        kept = link_latest(study_dir, out, state.complete, [s.sweep_id for s in sweeps(records)])
+        linked = kept is None
     if not args.no_log:
         log_report(uri, args.study, files, sweep_ids, {"score": args.score or "default", "sweeps": ",".join(sweep_ids),
                                                        "runs": len(runs)})
     # The terminal gets the verdict (the table is in the file) and where the report is.
     verdict_part = text.split("## Variants")[0].rstrip()
     print(verdict_part)
-    became_latest = not args.out and kept is None
-    keys = [] if args.no_log else ["ablation-" + "-".join(sweep_ids)[:100]] + ([LATEST_VIEW] if became_latest else [])
+    keys = [] if args.no_log else ["ablation-" + "-".join(sweep_ids)[:100]] + ([LATEST_VIEW] if linked else [])
     ui = ui_link(client, args.study, ui_view(runs, sweep_ids, ranked_by), keys)
     print(f"\nReport: {(out / 'ablation.md').resolve()} (table, plots and image grids there)"
           + ("" if args.out else f"\nLatest: {(study_dir / LATEST / 'ablation.md')}" + (f" ({kept})" if kept else ""))

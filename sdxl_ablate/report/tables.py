@@ -378,7 +378,7 @@ def write_variants_csv(a: Analysis, path: Path) -> None:
 def write_runs_csv(runs: list[RunRecord], path: Path) -> None:
     metrics = sorted({m for r in runs for m in r.metrics})
     fields = ["run_id", "run_name", "variant", "seed", "sweep_id", "started", "status", "eval_status",
-              "no_effect", "error", *AXES, *metrics]
+              "no_effect", "error", "clip_scorer", *AXES, *metrics]
     with path.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
@@ -387,4 +387,5 @@ def write_runs_csv(runs: list[RunRecord], path: Path) -> None:
                         "seed": "" if r.seed is None else r.seed, "sweep_id": r.sweep_id, "started": r.date,
                         "status": r.status, "eval_status": r.tags.get("eval_status", ""),
                         "no_effect": r.tags.get("no_effect", ""), "error": r.tags.get("error", ""),
+                        "clip_scorer": r.tags.get("clip_scorer", ""),
                         **{x: r.tags.get(x, "") for x in AXES}, **{m: repr(r.metrics[m]) for m in r.metrics}})
