@@ -68,7 +68,8 @@ def test_seeds_are_one_variant_with_mean_and_spread_and_noise_marks():
     # dominates a; c is worse on both.
     assert a.pareto == ["b"]
     lines = verdict(a)
-    assert lines[0].startswith("- **No single best on CLIP style score (higher is better)**: a, b are within 2 SE")
+    assert lines[0].startswith("- **No single best on CLIP style score (higher is better)**: a, b are within 2 SE "
+                               "of the top; the data")
     se = 0.01 / math.sqrt(3)  # the spread across seeds, std / sqrt(n)
     assert f"Top: a, 0.8100 ± {se:.4f} over 3 seeds; +0.0600 ± {se:.4f} vs the base model (0.7500)" in lines[0]
     assert "peak memory 2.01 ± 0.01 GiB (CPU RSS)" in lines[0]
@@ -208,7 +209,8 @@ def test_report_of_the_latest_sweep(study, tmp_path, capsys):
     assert md.startswith("Sweep s2: 4 jobs done (jobs planned: not recorded).\n\n"
                          "# Ablation report: study `naruto`\n\nsweep s2, started ")
     # all (one seed, no per-run SE) and attn (two seeds) cannot be separated: no "best".
-    assert "**No single best on CLIP style score (higher is better)**: all, attn are within 2 SE" in md
+    assert ("**No single best on CLIP style score (higher is better)**: all, attn are within 2 SE of the top or have "
+            "no noise estimate") in md
     assert "Top: all, 0.8000; +0.2000 vs the base model (0.6000)" in md
     assert "- Noise: 1 to 2 seeds per variant" in md
     assert "- Failed: te_all: oom: OutOfMemoryError: boom" in md
@@ -325,7 +327,7 @@ def test_a_difference_within_two_se_is_never_best_and_the_tie_is_broken_by_cost(
     assert a.best is None and a.leader.name == "te_all" and [v.name for v in a.close_to_best] == ["all"]
     lines = verdict(a)
     tie = next(line for line in lines if line.startswith("- **No single best on held-out loss"))
-    assert "te_all, all are within 2 SE" in tie and "-0.2459 ± 0.0100 vs the base model (1.0943)" in tie
+    assert "te_all, all are within 2 SE of the top; the data do not separate them" in tie and "-0.2459 ± 0.0100 vs the base model (1.0943)" in tie
     assert "- Among them, all is the fastest: 12.00 images/s, 1.7x te_all's 7.00 (one timing per run)." in lines
     # Against the base model: the held-out loss fell beyond 2 SE for all but dora (within its SE).
     base = next(line for line in lines if line.startswith("- Against the base model"))
@@ -364,7 +366,7 @@ def test_memory_within_the_noise_floor_is_a_tie_and_makes_no_pareto_claim(tmp_pa
     ax = fig.axes[0]
     assert ax.get_ylim()[1] - ax.get_ylim()[0] >= 4 * 0.015 - 1e-9
     assert ax.get_xlim()[1] - ax.get_xlim()[0] >= 4 * 0.125 - 1e-9
-    assert "error bars: ±1 SE of the evaluation (one seed" in ax.get_title() and "memory: a tie" in ax.get_title()
+    assert "error bars: ±1 SE of the evaluation (one seed" in ax.get_title() and "a tie: no Pareto front" in ax.get_title()
     # Beyond the floor, memory counts again: dora needs the least, te_all and all tie on both
     # score and memory (neither dominates the other), the rest are worse on the score.
     runs = demo_like_runs()
@@ -439,7 +441,7 @@ def test_a_report_per_sweep_an_incomplete_one_says_so_and_never_replaces_a_compl
                       "ablation/final_loss", 0.5)
     assert main(["--study", "st", "--tracking-uri", uri, "--sweep", "s1"]) == 0
     assert (f"MLflow UI (make mlflow-ui): http://127.0.0.1:5000/#/experiments/{exp_id}/runs"
-            "?viewStateShareKey=ablation-s1") in capsys.readouterr().out
+            "?viewStateShareKey=ablation-s1&workflowType=machine_learning") in capsys.readouterr().out
     tags = client.get_experiment(exp_id).tags
     view = json.loads(tags["mlflow.sharedViewState.ablation-s1"])
     assert view == {"searchFilter": "tags.kind = 'variant' and tags.sweep_id = 's1'",

@@ -71,11 +71,11 @@ def plot_score_vs_memory(a: Analysis, path: Path) -> Figure:
     seeds = a.seeds_per_variant
     bars = ("±1 SE across seeds or of the evaluation" if seeds and min(seeds) > 1 else
             "±1 SE of the evaluation (one seed: training noise not measured)")
+
     if not any(yerrs):
         bars = "no noise estimate for this score"
-    title = f"{a.score.title} vs peak memory\nerror bars: {bars}"
-    if a.memory_tied:
-        title += "; memory: a tie (within the noise floor)"
+    title = (f"{a.score.title} vs peak memory\nerror bars: {bars}\nmemory: ±1 std across seeds, at least half the "
+             "noise floor" + ("; a tie: no Pareto front" if a.memory_tied else ""))
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     if shown:

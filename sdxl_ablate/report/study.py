@@ -219,7 +219,8 @@ def ui_link(client, study: str, view: dict, share_keys: list[str]) -> Optional[s
     page = f"{UI_BASE}/#/experiments/{exp.experiment_id}/runs"
     for key in share_keys:
         client.set_experiment_tag(exp.experiment_id, VIEW_TAG + key, json.dumps(view))
-    if share_keys:
-        return f"{page}?viewStateShareKey={share_keys[0]}"
-    query = {k: str(v).lower() if isinstance(v, bool) else v for k, v in view.items() if k != "selectedColumns"}
+    if share_keys:  # workflowType: the UI's side bar in its model-training mode, not GenAI (its default)
+        return f"{page}?viewStateShareKey={share_keys[0]}&workflowType=machine_learning"
+    query = {**{k: str(v).lower() if isinstance(v, bool) else v for k, v in view.items() if k != "selectedColumns"},
+             "workflowType": "machine_learning"}
     return f"{page}?{urllib.parse.urlencode(query, quote_via=urllib.parse.quote)}"

@@ -10,7 +10,8 @@ from typing import Any, Optional
 
 from sdxl_ablate.config.identity import AXES
 from sdxl_ablate.evaluate.headline import RANDOM_CLIP_LABEL
-from sdxl_ablate.report.analysis import MEMORY_KINDS, NOISE_Z, SCORES, Analysis, Stat, Variant, random_clip
+from sdxl_ablate.report.analysis import (MEMORY_KINDS, NOISE_Z, SCORES, Analysis, Stat, Variant, random_clip,
+                                         separated)
 from sdxl_ablate.report.runs import RunRecord, date_of
 
 
@@ -182,9 +183,10 @@ def verdict(a: Analysis) -> list[str]:
             lines.append(f"- **Best on {sc.title} ({direction}): {b.name}**, {numbers}.")
         else:
             group = [b, *a.close_to_best]
+            unknown = any(separated(sc, b, v) is None for v in a.close_to_best)
             lines.append(f"- **No single best on {sc.title} ({direction})**: {', '.join(v.name for v in group)} "
-                         f"are within {NOISE_Z:g} SE of each other (or have no noise estimate); the data do not "
-                         f"separate them. Top: {b.name}, {numbers}.")
+                         f"are within {NOISE_Z:g} SE of the top" + (" or have no noise estimate" if unknown else "")
+                         + f"; the data do not separate them. Top: {b.name}, {numbers}.")
             lines += tie_breakers(group)
         lines.append(f"- Noise: {noise_basis(a)}.")
         lines += versus_base(a)

@@ -313,8 +313,10 @@ def pages(port: int, expected: Expected) -> dict[str, Page]:
         flt = "attributes.run_id IN (" + ", ".join(f"'{i}'" for i in expected.runs) + ")"
     elif expected.sweep_ids != ["legacy"]:
         flt = f"tags.kind = 'variant' and tags.sweep_id = '{expected.sweep_ids[0]}'"
+    # workflowType: the side bar in its model-training mode (the UI's default is GenAI).
     query = urllib.parse.urlencode({"searchFilter": flt, "orderByKey": "metrics.`ablation/peak_memory_gib`",
-                                    "orderByAsc": "true"}, quote_via=urllib.parse.quote)
+                                    "orderByAsc": "true", "workflowType": "machine_learning"},
+                                   quote_via=urllib.parse.quote)
     ids = json.dumps(expected.ok or list(expected.runs))
     compare = urllib.parse.urlencode({"runs": ids, "experiments": json.dumps([expected.experiment_id])},
                                      quote_via=urllib.parse.quote)
@@ -324,7 +326,7 @@ def pages(port: int, expected: Expected) -> dict[str, Page]:
     out = {
         # What `make mlflow-ui` and the report's link open on: the variants with their headline
         # columns, no click (the parents that fold the variants in the plain table are not shown).
-        "first_screen": Page(f"{base}/runs?viewStateShareKey=ablation", names,
+        "first_screen": Page(f"{base}/runs?viewStateShareKey=ablation&workflowType=machine_learning", names,
                              expect=[*names, *expected.view_columns]),
         "runs_table": Page(f"{base}/runs?{query}", names,
                            [step for m in ("ablation/peak_memory_gib", "ablation/images_per_s",
