@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-stamp
 # spinning threads slow a busy 2-core machine down many times over.
 CPU_ENV := OMP_NUM_THREADS=1
 
-.PHONY: install test test-fast test-gpu demo study mlflow-ui ui-check report plan bench clean
+.PHONY: install test test-fast test-gpu demo study mlflow-ui ui-check report plan bench fidelity clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -59,6 +59,10 @@ plan: install
 ## GPU benchmark on the full-size SDXL architecture (random weights); results as JSON under results/
 bench: install
 	$(BIN)/python -m sdxl_ablate.bench $(ARGS)
+
+## README's fidelity tables (recipes and study vs their write-ups), regenerated from the composed configs.
+fidelity: install
+	$(BIN)/python -m sdxl_ablate.config.fidelity --write
 
 clean:
 	rm -rf outputs multirun mlflow.db mlflow.db.lock mlartifacts reports checkpoints

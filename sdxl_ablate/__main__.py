@@ -1,7 +1,8 @@
 """`python -m sdxl_ablate [overrides]`: one variant; add `-m` for a sweep (one MLflow run each).
 
 Exit code: the number of variants that did not end with status `ok` (0 when all did; capped at
-100); 101 when the preflight found a missing resource before anything trained (sweep.py).
+100); 101 when the preflight found a missing resource before anything trained; 102 when the
+sweep's own records (its parent run) could not be written; 130 on Ctrl-C, 143 on SIGTERM (sweep.py).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def main(dcfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     # A sweep's id and parent run were made by sweep.SweepCallback before any job started.
-    info = sweep.read_info(Path(hc.sweep.dir)) if multirun else sweep.SweepInfo(sweep.new_sweep_id())
+    info = sweep.read_info(Path(hc.sweep.dir)) if multirun else sweep.SweepInfo(sweep.process_sweep_id())
     try:
         cfg = to_typed(dcfg)
     except ConfigError as err:
@@ -77,8 +78,10 @@ def main(dcfg: DictConfig) -> float | None:
 
 
 def exit_code() -> int:
+    if sweep.callback_error is not None:  # the sweep's end was not recorded: never 0
+        return sweep.CALLBACK_EXIT
     if sweep.last_failed is not None:
-        return min(sweep.last_failed, 100)
+        return max(0, min(sweep.last_failed, 100))
     return int(_single_run_failed)
 
 
@@ -87,5 +90,11 @@ if __name__ == "__main__":
         from sdxl_ablate.train.distributed import hydra_overrides
 
         sys.argv += hydra_overrides()
-    main()
+    sweep.begin_process()  # this launch's own sweep id (its output dir), and SIGTERM handled like Ctrl-C
+    try:
+        main()
+    except KeyboardInterrupt as err:  # one line and the summary so far, no traceback (sweep.interrupted)
+        sys.exit(sweep.interrupted(err))
+    except SystemExit as err:  # Hydra stopped the sweep half way (its own error): close the parent run
+        sys.exit(sweep.stopped(err.code))
     sys.exit(exit_code())

@@ -2,8 +2,9 @@
 
 KILL_AT=after_step:N kills the process right after step N (and its checkpoint, if one was due);
 KILL_AT=in_write:N kills it in the middle of writing checkpoint N, after tearing the tensor file
-in half (what a kill during the write leaves). Used by test_resume_kill.py; no hook of this
-kind exists in the package itself.
+in half (what a kill during the write leaves); KILL_AT=sweep_end makes the store fail when the
+sweep records its end (`database is locked`), after every variant ran. Used by
+test_resume_kill.py and test_sweep_lifecycle.py; no hook of this kind exists in the package itself.
 """
 
 from __future__ import annotations
@@ -36,8 +37,17 @@ def arm(kill_at: str) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
 
         ck.save_file = save_file
+    elif kind == "sweep_end":
+        import sqlite3
+
+        from sdxl_ablate.run import sweep
+
+        def tally(client, info):
+            raise sqlite3.OperationalError("database is locked")
+
+        sweep.tally = tally
     elif kind:
-        raise SystemExit(f"KILL_AT={kill_at!r}: expected after_step:N or in_write:N")
+        raise SystemExit(f"KILL_AT={kill_at!r}: expected after_step:N, in_write:N or sweep_end")
 
 
 if __name__ == "__main__":

@@ -113,11 +113,11 @@ def test_a_sweep_run_twice_is_two_sweeps_each_nested_under_its_parent(tmp_path):
     args = [*tiny_overrides(tmp_path, "study=twice", "trainer.max_steps=2"), "lora.targets=attn,all", "lora.rank=0,4"]
     first = cli(tmp_path, "-m", *args)
     assert first.returncode == 2, first.stderr[-2000:]  # exit code: the two lora.rank=0 variants failed
-    assert "2 failed, 2 ok" in first.stdout
+    assert "4 variants: 2 ok, 2 failed; exit code 2 (variants not ok)" in first.stdout
     # Again: a new sweep; the two finished variants are reused, not trained (nor logged) again.
     second = cli(tmp_path, "-m", *args)
     assert second.returncode == 2, second.stderr[-2000:]
-    assert "2 failed, 2 ok, 2 ok (reused)" in second.stdout
+    assert "4 variants: 2 ok (all reused), 2 failed; exit code 2 (variants not ok)" in second.stdout
     runs = experiment_runs(tmp_path, "twice")
     parents = sorted((r for r in runs if r.data.tags.get("kind") == "sweep"), key=lambda r: r.info.start_time)
     assert len(parents) == 2 and parents[0].data.tags["sweep_id"] != parents[1].data.tags["sweep_id"]

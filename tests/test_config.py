@@ -7,7 +7,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
-from sdxl_ablate.config import Config, ConfigError, DataSource, ModelKind, Optimizer, Targets, flatten, to_typed
+from sdxl_ablate.config import (Config, ConfigError, Crop, DataSource, ModelKind, Optimizer, Precision, Targets, flatten,
+                                to_typed)
 from sdxl_ablate.model.lora import UNET_TARGETS
 
 from .conftest import CONF, ROOT, compose_config
@@ -48,9 +49,9 @@ def test_every_sweep_job_composes():
 
 def test_naruto_study_variants_are_the_six_of_the_write_up():
     want = {
-        "te_all": (True, Targets.all, False), "te_attn": (True, Targets.attn, False),
-        "all": (False, Targets.all, False), "attn": (False, Targets.attn, False),
-        "dora_prodigy": (False, Targets.attn, True), "attn_dropout05": (False, Targets.attn, False),
+        "te_all": (True, Targets.all, False), "te_attn": (True, Targets.self_attn, False),
+        "all": (False, Targets.all, False), "attn": (False, Targets.self_attn, False),
+        "dora_prodigy": (False, Targets.self_attn, True), "attn_dropout05": (False, Targets.self_attn, False),
     }
     params = compose_config(["sweep=naruto_study"], return_hydra_config=True).hydra.sweeper.params
     assert params["variant"].split(",") == list(want)
@@ -61,6 +62,35 @@ def test_naruto_study_variants_are_the_six_of_the_write_up():
     dora = to_typed(compose_config(["experiment=demo", "variant=dora_prodigy"]))
     assert (dora.trainer.optimizer, dora.trainer.lr, dora.trainer.snr_gamma) == (Optimizer.prodigy, 1.0, 5.0)
     assert to_typed(compose_config(["variant=attn_dropout05"])).lora.dropout == 0.5
+
+
+def test_the_study_runs_at_the_seeds_precision_with_its_techniques():
+    """Seed 004: fp16 UNet and text encoders, fp32 VAE; noise offset, random crops that change
+    from step to step, gradient accumulation; (e) adds the FP16-fix VAE and caption dropout."""
+    for variant in ("te_all", "te_attn", "all", "attn", "dora_prodigy", "attn_dropout05"):
+        cfg = to_typed(compose_config(["sweep=naruto_study", f"variant={variant}"]))
+        t, d = cfg.trainer, cfg.data
+        assert (t.precision, t.base_weights.value, t.gradient_checkpointing) == (Precision.fp16, "compute", True)
+        assert t.noise_offset > 0 and t.grad_accum > 1
+        assert (d.crop, d.crops_per_image > 1, d.crop_scale > 1) == (Crop.random, True, True)
+        assert cfg.model.vae_fp16_safe == (variant == "dora_prodigy")
+        assert (d.caption_dropout > 0) == (variant == "dora_prodigy")
+        assert cfg.lora.text_encoder == variant.startswith("te_")
+
+
+def test_epochs_and_max_steps_together_are_an_error_naming_both():
+    with pytest.raises(ConfigError) as err:
+        to_typed(compose_config(["trainer.epochs=5"]))
+    assert any("trainer.epochs=5 with trainer.max_steps=100" in p and "max_steps=null" in p for p in err.value.problems)
+    with pytest.raises(ConfigError, match="set the run length"):
+        to_typed(compose_config(["trainer.max_steps=null"]))
+    cfg = to_typed(compose_config(["trainer.epochs=5", "trainer.max_steps=null"]))
+    assert (cfg.trainer.epochs, cfg.trainer.max_steps) == (5, None)
+
+
+def test_several_crops_need_random_crops():
+    with pytest.raises(ConfigError, match="data.crops_per_image=4 with data.crop=center"):
+        to_typed(compose_config(["data.crops_per_image=4"]))
 
 
 def test_unknown_axis_value_fails_at_composition_naming_allowed_values():
@@ -102,7 +132,8 @@ def test_defaults_are_the_real_task():
     assert (cfg.model.kind, cfg.data.source, cfg.data.resolution) == (ModelKind.pretrained, DataSource.hub, 1024)
     assert cfg.model.pretrained == "stabilityai/stable-diffusion-xl-base-1.0"
     assert cfg.data.name == "lambdalabs/naruto-blip-captions"
-    assert cfg.memory.budget_gib == 16
+    assert (cfg.memory.card, cfg.memory.card_total_mib, cfg.memory.budget_gib) == ("Tesla T4", 15360, None)
+    assert cfg.memory.budget() == (15360 - 1024) / 1024  # 14.0 GiB: the T4 less its provisional overhead
     assert cfg.eval.prompts == ["Naruto Uzumaki eating ramen", "Bill Gates in Naruto style",
                                 "A boy with blue eyes in Naruto style", "cute dragon creature"]
 

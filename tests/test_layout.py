@@ -105,3 +105,23 @@ def test_the_checker_sees_an_upward_import_and_a_cycle(tmp_path, monkeypatch):
         test_each_stage_imports_only_from_the_stages_before_it()
     with pytest.raises(AssertionError, match="import cycles"):
         test_no_import_cycles()
+
+
+
+def test_every_mlflow_client_is_made_by_tracker_connect():
+    """MlflowClient creates and migrates a fresh sqlite store on construction; only
+    `track.tracker.connect` does it under the store's lock (issue 18: concurrent starts)."""
+    made, in_connect = [], []
+    for module, path in modules().items():
+        tree = ast.parse(path.read_text())
+        connect = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "connect"
+                   and module == "sdxl_ablate.track.tracker"]
+        for node in ast.walk(tree):
+            func = getattr(node, "func", None) if isinstance(node, ast.Call) else None
+            name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", "")
+            if name != "MlflowClient":
+                continue
+            inside = any(c.lineno <= node.lineno <= c.end_lineno for c in connect)
+            (in_connect if inside else made).append(f"{module}:{node.lineno}")
+    assert len(in_connect) == 1, "track.tracker.connect must make the client itself"
+    assert not made, f"MlflowClient made outside track.tracker.connect: {made}"

@@ -153,3 +153,23 @@ def test_dropped_key_is_an_error(tmp_path):
 def test_missing_file_is_an_error(tmp_path):
     with pytest.raises(LoraLoadError, match="does not exist"):
         load_lora(build_tiny(SEED).pipeline(), tmp_path / "nope.safetensors")
+
+
+def _wrapped(targets: Targets, rank: int = 4) -> tuple[set[str], int]:
+    c = build_tiny(SEED)
+    params = add_adapters(c, LoraConfig(targets=targets, rank=rank))
+    names = {n.rsplit(".base_layer", 1)[0] for n, _ in c.unet.named_modules() if n.endswith(".base_layer")}
+    return names, sum(p.numel() for p in params)
+
+
+def test_self_and_cross_attention_split_attn_exactly():
+    """self_attn (attn1) and cross_attn (attn2) are disjoint and together are attn, module by
+    module and parameter by parameter (the full-size split is in tests/test_plan.py)."""
+    attn, n_attn = _wrapped(Targets.attn)
+    self_, n_self = _wrapped(Targets.self_attn)
+    cross, n_cross = _wrapped(Targets.cross_attn)
+    assert self_ and cross and not self_ & cross
+    assert self_ | cross == attn
+    assert all(".attn1." in n for n in self_) and all(".attn2." in n for n in cross)
+    assert len(self_) == len(cross) == len(attn) // 2
+    assert n_self + n_cross == n_attn > 0

@@ -51,15 +51,25 @@ def test_every_model_kind_picks_its_architecture():
 def test_json_report_of_the_tiny_model(capsys):
     assert plan.main(["model=tiny", "data.resolution=64", "trainer.batch_size=2"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert set(report) == {"model", "architecture", "variant", "params", "trainable_params", "step", "memory"}
+    assert set(report) == {"model", "architecture", "variant", "params", "trainable_params", "step", "memory",
+                           "resolved"}
     assert set(report["memory"]) == {"weights_gib", "lora_and_optimizer_gib", "step_peak_gib",
-                                     "predicted_peak_allocated_gib", "predicted_peak_reserved_gib",
+                                     "predicted_peak_allocated_gib", "predicted_peak_reserved_gib", "card",
+                                     "card_total_gib", "overhead_gib", "predicted_card_peak_gib",
                                      "budget_gib", "fits"}
     assert report["trainable_params"]["total"] == report["trainable_params"]["unet"] > 0
     assert report["step"]["batch_size"] == 2 and report["step"]["tflop_per_step"] >= 0
     mem = report["memory"]
     assert mem["predicted_peak_allocated_gib"] > mem["weights_gib"] > 0
-    assert mem["fits"] is True and mem["budget_gib"] == 16
+    # The T4 profile (the default): the allocator's budget is the card's total less the overhead,
+    # the guard's rule; the card-side peak adds the overhead back.
+    assert (mem["card"], mem["card_total_gib"], mem["overhead_gib"], mem["budget_gib"]) == ("Tesla T4", 15.0, 1.0, 14.0)
+    assert mem["predicted_card_peak_gib"] == pytest.approx(mem["predicted_peak_reserved_gib"] + 1.0, abs=2e-3)
+    assert mem["fits"] is True
+    # precision=auto is resolved for the profile's card: a T4 has no native bf16.
+    assert report["step"]["precision"] == "fp16"
+    assert report["resolved"]["precision"] == "auto -> fp16 (Tesla T4: no native bf16)"
+    assert report["resolved"]["gradient_checkpointing"].startswith("auto -> true (auto without a memory prediction")
 
 
 def test_the_simulated_step_reacts_like_the_gpu():
@@ -127,3 +137,24 @@ def test_no_prediction_where_the_plan_is_not_calibrated():
     """Fitted to full-size SDXL on CUDA: the tiny model and a CPU run get no number."""
     assert plan.predicted_fit(plan.compose(["model=tiny"]), torch.device("cuda", 0)) == {}
     assert plan.predicted_fit(plan.compose(["model=sdxl_random"]), torch.device("cpu")) == {}
+
+
+def _sdxl_attention_lora_params(rank: int) -> tuple[int, int]:
+    """LoRA parameters of SDXL's self- and cross-attention q/k/v/out, from the architecture: 10
+    transformer blocks at width 640 and 60 at 1280; a LoRA on a (in -> out) layer has
+    rank * (in + out) parameters; cross-attention's k and v read the 2048-wide text embeddings."""
+    blocks = {640: 10, 1280: 60}
+    self_ = sum(n * 4 * rank * 2 * d for d, n in blocks.items())
+    cross = sum(n * rank * (2 * d + 2 * (2048 + d) + 2 * d) for d, n in blocks.items())
+    return self_, cross
+
+
+def test_full_sdxl_self_and_cross_attention_counts():
+    """The issue's numbers: attn 560 modules / 23.2 M at rank 16, self 280 / 10.6 M, cross 12.6 M."""
+    self_, cross = _sdxl_attention_lora_params(16)
+    counts = {t: trainable(f"lora.targets={t}", "lora.rank=16")["unet"] for t in ("attn", "self_attn", "cross_attn")}
+    assert counts == {"attn": self_ + cross, "self_attn": self_, "cross_attn": cross}
+    assert (round(counts["attn"] / 1e6, 1), round(self_ / 1e6, 1), round(cross / 1e6, 1)) == (23.2, 10.6, 12.6)
+    c = plan.build_meta(plan.compose(["model=sdxl_random", "lora.targets=self_attn"]))
+    modules = [n for n, _ in c.unet.named_modules() if n.endswith(".base_layer")]
+    assert len(modules) == 280 and all(".attn1." in n for n in modules)

@@ -78,8 +78,8 @@ COMMANDS: dict[str, str] = {
     "python -m sdxl_ablate experiment=demo variant=attn trainer.resume=checkpoints/demo/<config hash>/step-00000028": FILL,
     "python -m sdxl_ablate -m sweep=naruto_study experiment=demo": RUN,
     "python -m sdxl_ablate -m sweep=naruto_study experiment=demo trainer.force=true": RUN,
-    "python -m sdxl_ablate.replay outputs/demo/2026-12-03_19-20-00": RUN,
-    "python -m sdxl_ablate.replay outputs/demo/2026-12-03_19-20-00 --tracking-uri sqlite:///mlflow.db": RUN,
+    "python -m sdxl_ablate.replay outputs/demo/20261203-192000-3fa2c1": RUN,
+    "python -m sdxl_ablate.replay outputs/demo/20261203-192000-3fa2c1 --tracking-uri sqlite:///mlflow.db": RUN,
     "python -m sdxl_ablate -m hydra/launcher=gpus_local sweep=naruto_study": NEEDS,
     "CUDA_VISIBLE_DEVICES=2,3 python -m sdxl_ablate -m hydra/launcher=gpus_local sweep=naruto_study": NEEDS,
     "python -m sdxl_ablate -m hydra/launcher=gpus_local hydra.launcher.n_jobs=2 sweep=naruto_study": NEEDS,
@@ -93,6 +93,7 @@ COMMANDS: dict[str, str] = {
     "torchrun --standalone --nproc_per_node=2 -m sdxl_ablate experiment=demo device=cpu trainer.batch_size=4": RUN,
     "python -m sdxl_ablate.perf.scale_bench": NEEDS,
     "python -m sdxl_ablate.perf.scale_bench --dry-run": RUN,
+    "python -m sdxl_ablate.perf.card_overhead": NEEDS,
 }
 
 # `$` examples whose command fails on purpose: the exit code they must give.
@@ -229,7 +230,7 @@ class Reader:
             got = self.client().download_artifacts(self.finished_run().info.run_id,
                                                    "lora/pytorch_lora_weights.safetensors", str(self.dir / "path"))
             Path(got).rename(self.dir / "path/to/pytorch_lora_weights.safetensors")
-        if "replay outputs/demo/2026-12-03_19-20-00" in command and not (self.dir / "outputs/demo/2026-12-03_19-20-00").exists():
+        if "replay outputs/demo/20261203-192000-3fa2c1" in command and not (self.dir / "outputs/demo/20261203-192000-3fa2c1").exists():
             # A run whose store failed mid-way (a file where its directory should be), so it
             # trained and journaled; then the store is fixed and the journal replayed. Made
             # in-process: from the command line the preflight refuses an unwritable store.
@@ -243,7 +244,7 @@ class Reader:
                 "experiment=demo", "variant=attn", "trainer.max_steps=3", "eval=off",
                 f"tracking.uri=sqlite:///{blocked}/mlflow.db", f"tracking.artifact_root={self.dir}/mlartifacts",
                 f"trainer.checkpoint_dir={self.dir}/checkpoints", "trainer.force=true"]))
-            out = self.dir / "outputs/demo/2026-12-03_19-20-00"
+            out = self.dir / "outputs/demo/20261203-192000-3fa2c1"
             assert runner.run(cfg, "variant=attn,trainer.max_steps=3", out) is not None
             assert (out / "tracking_journal/journal.jsonl").is_file()
             blocked.unlink()

@@ -459,3 +459,13 @@ def test_an_older_sweep_never_takes_latest_from_a_newer_one(tmp_path):
     assert (tmp_path / "s2" / COMPLETE_MARK).exists()
     assert link_latest(tmp_path, tmp_path / "s1", True, ["s1", "s2"]) == f"{tmp_path / 'latest'} still points at the newer sweep s2"
     assert (tmp_path / "latest").resolve() == (tmp_path / "s2").resolve()
+
+
+def test_a_stopped_sweep_is_incomplete_even_with_its_counts_recorded():
+    from sdxl_ablate.report.runs import SweepParent, completeness
+
+    runs = [rec("a", "1", sweep="s3"), rec("b", "2", sweep="s3", status="killed")]
+    parents = {"s3": SweepParent("s3", 0, 3, ended=False, killed=True)}
+    state = completeness(runs, "s3", parents)
+    assert not state.complete
+    assert state.line("s3").startswith("**Incomplete sweep s3: 2 of 3 jobs done, the sweep was stopped.**")

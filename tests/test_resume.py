@@ -370,7 +370,9 @@ def test_an_unwritable_tracking_store_does_not_stop_training_and_replay_restores
     assert result is not None and math.isfinite(result)  # trained, whatever the store did
     assert (out / "lora/pytorch_lora_weights.safetensors").is_file()
     records = [json.loads(x) for x in (out / "tracking_journal/journal.jsonl").read_text().splitlines()]
-    assert records[0]["op"] == "open" and "connecting to the tracking store" in records[0]["reason"]
+    assert records[0]["op"] == "open" and records[1]["op"] == "failure"
+    assert "connecting to the tracking store" in records[1]["reason"]
+    assert not [r for r in records if r["op"] == "ack"]  # MLflow took nothing
     losses = [r for r in records if r["op"] == "log_metrics" and "train/loss" in r["metrics"]]
     assert [r["step"] for r in losses] == [0, 1, 2]
     assert records[-1] == {**records[-1], "op": "close", "status": "FINISHED"}
@@ -417,15 +419,19 @@ def test_a_full_artifact_disk_keeps_the_run_and_journals_only_the_artifacts(tmp_
     assert run.data.tags["tracking.journal"] == str(out / "tracking_journal/journal.jsonl")
     assert "lora" not in {a.path for a in client.list_artifacts(run.info.run_id)}
     records = [json.loads(x) for x in (out / "tracking_journal/journal.jsonl").read_text().splitlines()]
-    assert [r["op"] for r in records] == ["open", "log_artifact", "log_artifact"]  # the diffusers and kohya files
-    assert records[1]["path"] == str((out / "lora/pytorch_lora_weights.safetensors").resolve())
-    assert records[2]["path"] == str((out / "lora/variant_kohya.safetensors").resolve())
+    acked = {r["seq"] for r in records if r["op"] == "ack"}
+    unsent = [r for r in records if r["op"] not in ("open", "ack") and r["seq"] not in acked]
+    assert [r["op"] for r in unsent] == ["log_artifact", "log_artifact"]  # the diffusers and kohya files
+    assert unsent[0]["path"] == str((out / "lora/pytorch_lora_weights.safetensors").resolve())
+    assert unsent[1]["path"] == str((out / "lora/variant_kohya.safetensors").resolve())
+    history = len(client.get_metric_history(run.info.run_id, "train/loss"))
     monkeypatch.undo()  # the disk has room again
     assert replay_main([str(out)]) == 0
     run = client.get_run(run.info.run_id)
     assert sorted(a.path for a in client.list_artifacts(run.info.run_id, "lora")) == [
         "lora/pytorch_lora_weights.safetensors", "lora/variant_kohya.safetensors"]
     assert "tracking.journal" not in run.data.tags and run.info.status == "FINISHED"
+    assert len(client.get_metric_history(run.info.run_id, "train/loss")) == history == 2  # nothing twice
 
 
 # --------------------------------------------------------------------------- latent cache

@@ -212,3 +212,16 @@ def test_a_tracking_server_killed_mid_run_costs_seconds_and_the_journal_keeps_th
     assert ops[0] == "open" and ops.count("open") == 1, ops  # one failure, one switch
     assert "log_metrics" in ops and ops[-1] == "close", ops
     assert any("train/loss" in r.get("metrics", {}) for r in records)
+    # The journal holds the whole run, from before the server died: a fresh store gets all of it.
+    from sdxl_ablate.track.replay import replay
+
+    fresh = f"sqlite:///{tmp_path}/fresh.db"
+    fresh_client = MlflowClient(fresh)
+    run_id = replay(tmp_path / "out", fresh)
+    whole = fresh_client.get_run(run_id)
+    steps = sorted(m.step for m in fresh_client.get_metric_history(run_id, "train/loss"))
+    assert steps == sorted(r["step"] for r in records if "train/loss" in r.get("metrics", {}))
+    assert steps[0] == 0 and len(steps) == len(set(steps)) and whole.data.params
+    assert whole.data.tags["status"] == "ok" and whole.info.status == "FINISHED"
+    assert "config.yaml" in {a.path for a in fresh_client.list_artifacts(run_id)}
+    assert any(k.startswith("ablation/") for k in whole.data.metrics)

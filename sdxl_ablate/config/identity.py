@@ -15,8 +15,14 @@ Out of the hash and the run name, because the trained LoRA is the same with any 
 - the CUDA speed switches trainer.compile/channels_last/cuda_graphs: documented as leaving the
   numbers as they are (README "Trainer defaults"), so a resume with one switched is the same
   training;
+- data.class_prompt: recorded only, prior preservation is not implemented (README "Recipes");
 - bookkeeping of the run: the study name (the experiment it is filed under), logging and LoRA
   saving, the latent cache's place, checkpointing, resume and force.
+`trainer.precision=auto` is hashed as the precision it resolved to on the job's device (the runner
+resolves it before hashing): the same config trains in bf16 on an A100 and in fp16 on a T4, two
+different LoRAs, so they get two hashes, while auto on a T4 and an explicit fp16 are one training.
+`trainer.gradient_checkpointing=auto` is hashed as `auto`: checkpointing leaves the numbers as
+they are, and its resolution depends on the memory budget, which is out of the hash too.
 Out of the run name only: what a whole study shares, so the name says which variant of it ran:
 the recipe and sweep that pick the study (`experiment`, `sweep`), the device and the step
 budget. They change the result, so they stay in the hash.
@@ -47,7 +53,7 @@ AXES = {
 
 HASH_EXCLUDED_PREFIXES = ("tracking.", "eval.", "memory.")
 HASH_EXCLUDED_KEYS = frozenset({
-    "study", "trainer.log_every", "trainer.cache_dir", "trainer.save_lora",
+    "study", "data.class_prompt", "trainer.log_every", "trainer.cache_dir", "trainer.save_lora",
     "trainer.checkpoint_every", "trainer.keep_checkpoints", "trainer.checkpoint_dir", "trainer.resume",
     "trainer.force", "trainer.compile", "trainer.channels_last", "trainer.cuda_graphs",
     "trainer.sync_every_step",

@@ -55,6 +55,23 @@ class LoadedData:
     source: str  # "sample:/path", "folder:/path" or "hub:<dataset id>"
 
 
+# Reference images when nothing is held out (data.heldout=0, as the write-ups train on every image).
+TRAINED_REFERENCE_IMAGES = 4
+
+
+def reference_set(data: LoadedData, heldout: int) -> tuple[list[Example], bool]:
+    """The images the evaluation's held-out loss and style score use, and whether they were
+    trained on. With data.heldout=0 these are the last few training images, with a warning: the
+    numbers then measure fit to the training set, not generalisation."""
+    if data.heldout:
+        return data.heldout, False
+    reference = data.train[-TRAINED_REFERENCE_IMAGES:]
+    log.warning("data.heldout=%d: nothing is held out, so the held-out loss and clip_style use the last %d "
+                "TRAINING images (tag eval.reference=train): they measure fit, not generalisation",
+                heldout, len(reference))
+    return reference, True
+
+
 # --------------------------------------------------------------------------- sample data
 
 # Bump when the drawing changes, so cached sample folders of the old look are not reused.
@@ -331,6 +348,9 @@ def load_data(cfg: DataConfig) -> LoadedData:
     between the first `limit` and the held-out tail are never read (and so never reported).
     """
     skipped: list[str] = []  # bad metadata rows (from the folder reader), then unreadable images
+    if cfg.class_prompt is not None:
+        log.warning("data.class_prompt=%r is recorded only: prior preservation (class images, a prior loss "
+                    "term) is not implemented, so it does not change training", cfg.class_prompt)
     if cfg.source == DataSource.hub:
         ds, source = _load_hub(cfg), f"hub:{cfg.name}"
     elif cfg.source == DataSource.folder:
@@ -394,10 +414,13 @@ class ImageTransform:
     """PIL RGB image -> SDXL training pixels plus the micro-conditioning SDXL needs
     (original size and crop top-left), following diffusers' SDXL training scripts."""
 
-    def __init__(self, resolution: int, crop: Crop, flip: bool):
+    def __init__(self, resolution: int, crop: Crop, flip: bool, scale: float = 1.0):
         self.resolution = resolution
         self.crop = crop
         self.flip = flip
+        # data.crop_scale: the shorter side is resized to resolution * scale, so a random crop of a
+        # square image has room to move (at 1.0 it is the whole image, wherever it "starts").
+        self.scale = scale
 
     def __call__(
         self, image: Image.Image, rng: random.Random
@@ -406,7 +429,7 @@ class ImageTransform:
         res = self.resolution
         original_size = (image.height, image.width)
         x = TF.pil_to_tensor(image)
-        x = TF.resize(x, [res], interpolation=InterpolationMode.BILINEAR, antialias=True)
+        x = TF.resize(x, [max(res, round(res * self.scale))], interpolation=InterpolationMode.BILINEAR, antialias=True)
         h, w = x.shape[-2:]
         if self.crop == Crop.random:
             top, left = rng.randint(0, h - res), rng.randint(0, w - res)

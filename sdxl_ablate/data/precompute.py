@@ -82,7 +82,9 @@ class LatentCache:
     """The encoded training set: per image (and per flip), the posterior and the time ids;
     per distinct prompt, its embeddings (only when the text encoders are frozen)."""
 
-    items: list[list[Prepared]]  # items[i] = the variants of image i (unflipped, and flipped if data.flip)
+    # items[i] = the versions of image i: data.crops_per_image crops of it, and as many of its mirror
+    # image if data.flip (cache_variants)
+    items: list[list[Prepared]]
     prompt_embeds: dict[str, tuple[torch.Tensor, torch.Tensor]] | None  # prompt -> (embeds, pooled), on CPU
 
 
@@ -139,7 +141,7 @@ def cache_key(cfg: Config, examples: list[Example], with_prompts: bool, dtype: t
     ident = {
         "model": [m.kind.value, m.pretrained, m.revision, m.vae, m.vae_fp16_safe],
         "weights": weights_fingerprint(cfg, with_prompts),
-        "data": [d.resolution, d.crop.value, d.flip, d.caption_dropout > 0],
+        "data": [d.resolution, d.crop.value, d.flip, d.caption_dropout > 0, d.crop_scale, d.crops_per_image],
         "prompts": with_prompts,
         "dtype": str(dtype),
         "seed": cfg.trainer.seed,
@@ -202,7 +204,7 @@ def cache_problem(cache: LatentCache, cfg: Config, examples: list[Example], with
     """What makes `cache` unfit for `examples` (a count, caption, shape or non-finite value,
     named by its tensor's key in the file), or None when it fits. A cache is read by every
     later run of a sweep, so a NaN in it would make every step of every run non-finite."""
-    variants = 2 if cfg.data.flip else 1
+    variants = cache_variants(cfg)
     if len(cache.items) != len(examples):
         return f"{len(cache.items)} images, expected {len(examples)}"
     shape = None
@@ -232,12 +234,16 @@ def cache_problem(cache: LatentCache, cfg: Config, examples: list[Example], with
 
 def _encode(cfg: Config, components, examples: list[Example], with_prompts: bool, embed_dtype: torch.dtype,
             batch_size: int) -> LatentCache:
-    transform = ImageTransform(cfg.data.resolution, cfg.data.crop, flip=False)
+    transform = ImageTransform(cfg.data.resolution, cfg.data.crop, flip=False, scale=cfg.data.crop_scale)
     rng = random.Random(cfg.trainer.seed)
-    # A random crop is drawn once per image here: the cache trades crop variety for speed.
+    # Random crops are drawn here, data.crops_per_image of them per image (and orientation); each
+    # step picks one (train/inputs.py): the cache trades crop variety (K crops, not a new one at
+    # every step as the live path draws) for encoding each image K times once for the whole sweep.
     # Flipped copies are made before the crop, as the live path does, so crop_top_left is
     # measured on the image the model sees.
-    items = [[prepare_example(img, transform, rng) for img in _orientations(ex, cfg.data.flip)] for ex in examples]
+    crops = cfg.data.crops_per_image
+    items = [[prepare_example(img, transform, rng) for img in _orientations(ex, cfg.data.flip) for _ in range(crops)]
+             for ex in examples]
     flat = [p for variants in items for p in variants]
     for i in range(0, len(flat), batch_size):
         chunk = flat[i : i + batch_size]
@@ -297,6 +303,11 @@ def load_cache(path: Path) -> LatentCache:
     if meta["prompts"] is not None:
         prompt_embeds = {p: (t[f"prompt.{k}.embeds"], t[f"prompt.{k}.pooled"]) for k, p in enumerate(meta["prompts"])}
     return LatentCache(items, prompt_embeds)
+
+
+def cache_variants(cfg: Config) -> int:
+    """Cached versions of each image: its orientations (2 with data.flip) times its random crops."""
+    return (2 if cfg.data.flip else 1) * cfg.data.crops_per_image
 
 
 def cached_prompts(captions: list[str], cfg: Config) -> list[str]:

@@ -39,7 +39,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from sdxl_ablate.config import Config, Crop, EvalConfig
-from sdxl_ablate.data.datasets import Example, ImageTransform, LoadedData
+from sdxl_ablate.data.datasets import Example, ImageTransform, LoadedData, reference_set
 from sdxl_ablate.model.lora import load_lora, remove_adapters
 from sdxl_ablate.train.memory import dequantize_base_weights
 from sdxl_ablate.model.placement import place
@@ -341,20 +341,20 @@ def evaluate(components, lora_file: Path, data: LoadedData, cfg: Config, device:
     metrics: dict[str, float] = {}
     jobs = eval_jobs(ev)
     # One unit per held-out pass, per generated image, and for the CLIP scores.
-    bar = tqdm(total=2 * bool(data.heldout) + 2 * len(jobs) + 1, desc=f"{label or cfg.lora.targets.value} eval",
+    reference, trained_on = reference_set(data, cfg.data.heldout)
+    tracker.set_tags({"eval.reference": "train" if trained_on else "heldout"})
+    bar = tqdm(total=2 * bool(reference) + 2 * len(jobs) + 1, desc=f"{label or cfg.lora.targets.value} eval",
                unit="task", dynamic_ncols=True)
 
-    if data.heldout:
-        hs = heldout_set(components, data.heldout, cfg, device)
+    if reference:
+        hs = heldout_set(components, reference, cfg, device)
         lora_losses = heldout_loss(components, hs, cfg, device)
         metrics["eval/heldout_loss"] = lora_losses.mean().item()
         bar.update()
-    else:
-        log.warning("no held-out images (data.heldout=%d): no held-out loss, no clip_style", cfg.data.heldout)
     # Stripping the trained adapters restores the exact base model: the base loss, then the
     # base images, and the LoRA comes back only through the saved file (what users load).
     remove_adapters(components)
-    if data.heldout:
+    if reference:
         base_losses = heldout_loss(components, hs, cfg, device)
         metrics["eval/heldout_loss_base"] = base_losses.mean().item()
         metrics.update(heldout_delta(lora_losses, base_losses))
@@ -368,7 +368,7 @@ def evaluate(components, lora_file: Path, data: LoadedData, cfg: Config, device:
     lora_images = generate(pipe, jobs, ev, resolution, bar.update)
 
     clip = load_clip(ev, device)
-    clip_metrics, per_image = clip_scores(clip, jobs, base_images, lora_images, [ex.image for ex in data.heldout])
+    clip_metrics, per_image = clip_scores(clip, jobs, base_images, lora_images, [ex.image for ex in reference])
     metrics.update(clip_metrics)
     # 1: the CLIP scores above come from random weights (eval=tiny): a smoke test. A metric as
     # well as the tag, so the headline metrics (computed from metrics alone) leave them out.

@@ -287,13 +287,14 @@ class _Source:
 
 def _from_run(run_id: str, tracking_uri: str, workdir: Path) -> _Source:
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
+
+    from sdxl_ablate.track.tracker import connect
 
     if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
         # MLflow would create an empty store there: say what is missing instead.
         raise ExportError(f"run id {run_id!r}: no MLflow store at {tracking_uri} (run from the folder that "
                           f"holds mlflow.db, or pass --tracking-uri)")
-    client = MlflowClient(tracking_uri=tracking_uri)
+    client = connect(tracking_uri)
     try:
         run = client.get_run(run_id)
     except MlflowException as err:

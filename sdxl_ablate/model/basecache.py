@@ -43,7 +43,7 @@ import torch
 from sdxl_ablate.config import BaseWeights, Config, ModelKind, cache_root
 from sdxl_ablate.model.sdxl import SDXLComponents, build_sdxl_random, load_components
 from sdxl_ablate.model.placement import place as place_module
-from sdxl_ablate.model.precision import compute_dtype, vae_dtype
+from sdxl_ablate.model.precision import compute_dtype, unet_dtype, vae_dtype
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +62,9 @@ class BaseKey:
     vae: str | None
     vae_fp16_safe: bool
     device: str
-    dtype: str  # the frozen UNet / text encoders (trainer.precision)
+    dtype: str  # the frozen text encoders (trainer.precision)
     vae_dtype: str
+    unet_dtype: str  # the frozen UNet: dtype, or fp32 with trainer.base_weights=fp32
 
 
 def base_key(cfg: Config, device: torch.device) -> BaseKey:
@@ -72,7 +73,7 @@ def base_key(cfg: Config, device: torch.device) -> BaseKey:
     pretrained = m.kind == ModelKind.pretrained
     return BaseKey(m.kind.value, m.pretrained if pretrained else None, m.revision if pretrained else None,
                    m.vae if pretrained else None, m.vae_fp16_safe, str(_full_device(device)), str(dtype),
-                   str(vae_dtype(cfg, dtype)))
+                   str(vae_dtype(cfg, dtype)), str(unet_dtype(cfg, dtype)))
 
 
 def _full_device(device: torch.device | str) -> torch.device:
@@ -233,7 +234,7 @@ def _load(cfg: Config, key: BaseKey, device: torch.device) -> _Entry:
         c = build_random_base(device, dtype, vae)
     else:
         c = load_components(cfg.model)
-    place(c, device, dtype, vae)
+    place(c, device, dtype, vae, unet_dtype(cfg, dtype))
     entry = _Entry(key, c, fingerprint(c), dict(c.unet.attn_processors), time.perf_counter() - started)
     log.info("base model loaded in %.1f s (%s on %s, %s)", entry.loaded_s, key.kind, key.device, key.dtype)
     return entry
@@ -249,9 +250,11 @@ def build_random_base(device: torch.device, dtype: torch.dtype, vae_dtype: torch
         return build_sdxl_random(device, dtype, vae_dtype=vae_dtype)
 
 
-def place(c: SDXLComponents, device: torch.device, dtype: torch.dtype, vae_dtype: torch.dtype) -> None:
+def place(c: SDXLComponents, device: torch.device, dtype: torch.dtype, vae_dtype: torch.dtype,
+          unet_dtype: torch.dtype | None = None) -> None:
     """The lent state: as train.setup.place_components places the modules, frozen, in eval mode."""
-    for module in (c.unet, c.text_encoder, c.text_encoder_2):
+    place_module(c.unet, device, unet_dtype or dtype)
+    for module in (c.text_encoder, c.text_encoder_2):
         place_module(module, device, dtype)
     place_module(c.vae, device, vae_dtype)
     for module in (c.unet, c.vae, c.text_encoder, c.text_encoder_2):
@@ -287,7 +290,7 @@ def restore(entry: _Entry) -> None:
     if dict(c.unet.attn_processors) != entry.attn_processors:  # e.g. attention slicing at evaluation
         c.unet.set_attn_processor(dict(entry.attn_processors))
     k = entry.key
-    place(c, torch.device(k.device), _dtype(k.dtype), _dtype(k.vae_dtype))
+    place(c, torch.device(k.device), _dtype(k.dtype), _dtype(k.vae_dtype), _dtype(k.unet_dtype))
 
 
 def _dtype(name: str) -> torch.dtype:

@@ -28,6 +28,10 @@ from sdxl_ablate.model.kohya import CLIP_ROOT, canonical_text_encoder_name
 UNET_TARGETS: dict[Targets, tuple[str, ...]] = {
     # Self- and cross-attention projections of every transformer block.
     Targets.attn: ("to_q", "to_k", "to_v", "to_out.0"),
+    # The same projections of the self-attention (attn1) or the cross-attention (attn2) alone:
+    # the study's "single self attention layer" and its "cross attention" read literally.
+    Targets.self_attn: ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0"),
+    Targets.cross_attn: ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"),
     # Attention, plus the transformer blocks' feed-forward and in/out projections, plus
     # every ResNet block's convolutions and time-embedding projection.
     Targets.all: (

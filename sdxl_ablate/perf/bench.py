@@ -205,7 +205,7 @@ def run_one(name: str, overrides: list[str], device, warmup: int, steps: int) ->
     t = cfg.trainer
     cfg.trainer.max_steps = warmup + steps + 1  # the last step is profiled, not timed
     cfg.trainer.sync_every_step = True  # step_times_s: each step's own wall time
-    guard = MemoryGuard(cfg.memory.budget_gib, device, cfg.memory.enforce)
+    guard = MemoryGuard.for_config(cfg.memory, device)
     device = guard.device
     guard.start()
     record: dict = {"allocated_at_start_gib": torch.cuda.memory_allocated(device) / _GIB if cuda else None}

@@ -70,9 +70,9 @@ def _run(name: str, spec: dict) -> float:
 
 
 def _runs(uri: str, study: str) -> list:
-    from mlflow.tracking import MlflowClient
+    from sdxl_ablate.track.tracker import connect
 
-    client = MlflowClient(uri)
+    client = connect(uri)
     exp = client.get_experiment_by_name(study)
     runs = client.search_runs([exp.experiment_id], max_results=100) if exp else []
     bad = [r.info.run_name for r in runs if r.data.tags.get("status") != "ok"]
@@ -82,9 +82,9 @@ def _runs(uri: str, study: str) -> list:
 
 
 def _curve(uri: str, run) -> list[float]:
-    from mlflow.tracking import MlflowClient
+    from sdxl_ablate.track.tracker import connect
 
-    hist = MlflowClient(uri).get_metric_history(run.info.run_id, "train/loss")
+    hist = connect(uri).get_metric_history(run.info.run_id, "train/loss")
     return [m.value for m in sorted(hist, key=lambda m: m.step)]
 
 

@@ -154,7 +154,8 @@ class SweepParent:
     sweep_id: str
     start_time: int
     n_jobs: Optional[int]
-    ended: bool  # the sweep recorded its outcome (n_ok), i.e. it was not killed half way
+    ended: bool  # the sweep recorded its outcome (n_ok) and was not stopped half way
+    killed: bool = False  # the sweep's process was stopped (Ctrl-C, SIGTERM): its parent says so
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,7 @@ class Completeness:
     done: int  # jobs of the sweep that ended (any status), reused ones included
     planned: Optional[int]  # None: no parent run says (runs from before sweep parents)
     ended: bool
+    killed: bool = False
 
     @property
     def complete(self) -> bool:
@@ -172,7 +174,8 @@ class Completeness:
             return f"Sweep {sweep_id}: {self.done} jobs done (jobs planned: not recorded)."
         if self.complete:
             return f"Complete sweep {sweep_id}: {self.done} of {self.planned} jobs done."
-        why = "" if self.ended else ", the sweep did not finish (interrupted or still going)"
+        why = (", the sweep was stopped" if self.killed else
+               "" if self.ended else ", the sweep did not finish (interrupted or still going)")
         return (f"**Incomplete sweep {sweep_id}: {self.done} of {self.planned} jobs done{why}.** "
                 "Its numbers are partial; the report of a complete sweep is not replaced.")
 
@@ -182,7 +185,7 @@ def completeness(runs: list[RunRecord], sweep_id: str, parents: dict[str, SweepP
     parent = parents.get(sweep_id)
     if parent is None:
         return Completeness(done, None, True)
-    return Completeness(done, parent.n_jobs, parent.ended)
+    return Completeness(done, parent.n_jobs, parent.ended, parent.killed)
 
 
 def read_study(client, study: str) -> tuple[list[RunRecord], dict[str, SweepParent]]:
@@ -193,9 +196,10 @@ def read_study(client, study: str) -> tuple[list[RunRecord], dict[str, SweepPare
     for run in client.search_runs([experiment.experiment_id], filter_string="tags.kind = 'sweep'", max_results=5000):
         tags = run.data.tags
         n_jobs = tags.get("n_jobs")
+        killed = tags.get("status") == "killed" or run.info.status == "KILLED"
         parents[tags.get("sweep_id", "")] = SweepParent(tags.get("sweep_id", ""), run.info.start_time or 0,
                                                         int(n_jobs) if n_jobs and n_jobs.isdigit() else None,
-                                                        "n_ok" in tags)
+                                                        "n_ok" in tags and not killed, killed)
     return records, parents
 
 

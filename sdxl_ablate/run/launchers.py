@@ -1,4 +1,4 @@
-"""What the launcher presets in conf/hydra/launcher/ need from the app (issue 12).
+"""What conf/config.yaml and the launcher presets in conf/hydra/launcher/ need from the app (issue 12).
 
 Kept free of torch at import: `python -m sdxl_ablate` registers this before Hydra composes,
 and an invalid config should still fail in a second.
@@ -26,3 +26,8 @@ def gpu_count() -> int:
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("sdxl_ablate.gpu_count"):
         OmegaConf.register_new_resolver("sdxl_ablate.gpu_count", gpu_count)
+    if not OmegaConf.has_resolver("sdxl_ablate.sweep_id"):
+        # The output dirs of conf/config.yaml: one per launch, shared by that launch's job processes.
+        from sdxl_ablate.run.sweep import process_sweep_id
+
+        OmegaConf.register_new_resolver("sdxl_ablate.sweep_id", process_sweep_id)

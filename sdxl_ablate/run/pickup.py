@@ -43,7 +43,7 @@ from sdxl_ablate.train.checkpoint import (META, Checkpointer, NoCheckpoints, Con
                          config_differences, latest_valid, list_checkpoints, verify)
 from sdxl_ablate.config import Config, config_hash, hashed_items
 from sdxl_ablate.track.limits import param_value
-from sdxl_ablate.track.tracker import resolve_uri
+from sdxl_ablate.track.tracker import connect, resolve_uri
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class Plan:
         if self.action == "resume" and self.run_id is not None and not getattr(tracker, "failure", None):
             # The reopened run's error (killed, failed) was that attempt's: keep it under another name.
             try:
-                client = MlflowClient(tracking_uri=uri)
+                client = connect(uri)
                 old = client.get_run(self.run_id).data.tags.get("error")
                 if old is not None:
                     client.set_tag(self.run_id, "resume.previous_error", old)
@@ -135,7 +135,7 @@ class Plan:
         if self.action != "resume" or tracker.run_id is None or getattr(tracker, "failure", None):
             return params
         try:
-            old = MlflowClient(tracking_uri=tracker.uri).get_run(tracker.run_id).data.params
+            old = connect(tracker.uri).get_run(tracker.run_id).data.params
         except Exception:  # noqa: BLE001 - the tracker journals what cannot be written
             return params
         changed = {k: v for k, v in params.items() if k in old and old[k] != param_value(v)}
@@ -174,7 +174,7 @@ def _connect(cfg: Config, chash: str) -> tuple[MlflowClient | None, str | None, 
     be reached must not stop training (the run's records then go to its journal)."""
     uri = resolve_uri(cfg.tracking)
     try:
-        client = MlflowClient(tracking_uri=uri)
+        client = connect(uri)
         exp = client.get_experiment_by_name(cfg.tracking.experiment or cfg.study)
         if exp is None:
             return client, None, [], ""
@@ -185,11 +185,12 @@ def _connect(cfg: Config, chash: str) -> tuple[MlflowClient | None, str | None, 
 
 
 def _journal_kept(result: dict) -> bool:
-    """Whether the finished run's tracking journal (records not yet in MLflow) still exists."""
-    from sdxl_ablate.track.journal import journal_path
+    """Whether the finished run's tracking journal still holds records MLflow did not take
+    (every run journals itself; one that MLflow took whole has nothing left to replay here)."""
+    from sdxl_ablate.track.journal import unsent_records
 
     out = result.get("output_dir")
-    return bool(out) and journal_path(out).is_file()
+    return bool(out) and unsent_records(out) > 0
 
 
 def _reap(client, exp_id, keep, run_name, directory) -> None:

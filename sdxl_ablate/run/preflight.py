@@ -3,7 +3,7 @@
 A study that trains six variants for an hour and then cannot load its CLIP model, or whose
 tracking store is read-only, has wasted the hour. So before the first variant starts, the
 distinct resources of all variants (base model, VAE override, dataset, CLIP evaluation model,
-device, tracking store and artifact root) are checked here, cheaply: a hub id must be in the
+device and its precision, tracking store and artifact root) are checked here, cheaply: a hub id must be in the
 local hub cache or the hub must be reachable (and then the id must exist); a local path must
 exist with the expected layout; the store must accept a query and the artifact root a file.
 Nothing is downloaded or loaded. Every problem is reported at once, each naming the config key,
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional
 from urllib.parse import urlparse
 
-from sdxl_ablate.config import Config, DataSource, ModelKind
+from sdxl_ablate.config import Config, DataSource, ModelKind, Precision
 
 OFFLINE_MODEL = "offline, use model=tiny or model=sdxl_random, or a local diffusers directory as model.pretrained=DIR"
 OFFLINE_DATA = "offline, use data=sample, or data=folder data.path=DIR"
@@ -181,10 +181,19 @@ def device_problems(cfg: Config) -> list[str]:
     return []
 
 
-def tracking_problems(cfg: Config) -> list[str]:
-    from mlflow.tracking import MlflowClient
+def precision_problems(cfg: Config) -> list[str]:
+    """An explicit trainer.precision=bf16 on a GPU without native bf16 (a T4: compute capability
+    7.5): emulated bf16 would run, slowly and not as the write-ups trained. Every GPU the job may
+    claim is checked (the one of cuda:N, else all visible); `auto` needs no check."""
+    if cfg.trainer.precision != Precision.bf16:
+        return []
+    from sdxl_ablate.model.precision import bf16_problem, cards_for
 
-    from sdxl_ablate.track.tracker import resolve_uri
+    return [p for p in (bf16_problem(card) for card in cards_for(cfg.device)) if p]
+
+
+def tracking_problems(cfg: Config) -> list[str]:
+    from sdxl_ablate.track.tracker import connect, resolve_uri
 
     uri = resolve_uri(cfg.tracking)
     out = []
@@ -195,7 +204,7 @@ def tracking_problems(cfg: Config) -> list[str]:
         if not os.access(db if db.exists() else db.parent, os.W_OK):
             return [f"tracking.uri={uri!r}: {str(db if db.exists() else db.parent)!r} is not writable"]
     try:
-        MlflowClient(uri).search_experiments(max_results=1)
+        connect(uri).search_experiments(max_results=1)
     except Exception as e:  # noqa: BLE001 - any failure means runs could not be recorded
         out.append(f"tracking.uri={uri!r}: the MLflow tracking store does not answer ({type(e).__name__}: {e})")
     root = cfg.tracking.artifact_root
@@ -224,6 +233,7 @@ def _local_path(root: str) -> Optional[Path]:
 # and each distinct resource is checked once.
 CHECKS: tuple[tuple[Callable[[Config], list[str]], Callable[[Config], tuple]], ...] = (
     (device_problems, lambda c: (c.device,)),
+    (precision_problems, lambda c: (c.device, c.trainer.precision)),
     (tracking_problems, lambda c: (c.tracking.uri, c.tracking.artifact_root)),
     (model_problems, lambda c: (c.model.kind, c.model.pretrained, c.model.revision, c.model.vae)),
     (data_problems, lambda c: (c.data.source, c.data.name, c.data.path)),

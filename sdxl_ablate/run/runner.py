@@ -32,7 +32,8 @@ from sdxl_ablate.train.memory import MemoryGuard, configure_allocator, is_oom
 from sdxl_ablate.model.sdxl import load_components
 from sdxl_ablate.run.phases import Phases
 from sdxl_ablate.model.placement import place
-from sdxl_ablate.train.plan import predicted_fit
+from sdxl_ablate.model.precision import bf16_problem, card_of, resolve_precision
+from sdxl_ablate.train.plan import predicted_fit, resolve_checkpointing
 from sdxl_ablate.run.pickup import Plan, VariantBusy, data_parallel_plan, plan_variant
 from sdxl_ablate.run.progress import job_label
 from sdxl_ablate.evaluate.samples import training_hooks
@@ -75,11 +76,17 @@ def run(cfg: Config, run_name: str, output_dir: Path, sweep: Optional[SweepInfo]
     run it reuses); an interrupted one resumes into its own run (pickup.py)."""
     output_dir.mkdir(parents=True, exist_ok=True)
     sweep = sweep or SweepInfo(new_sweep_id())
+    # precision=auto becomes what runs on this job's device before the config is hashed, logged or
+    # used: the same config trains in bf16 on an A100 and in fp16 on a T4, two different LoRAs.
+    cfg, precision = resolve_precision(cfg)
     ddp = distributed.from_env()
     if ddp is not None:  # under torchrun: every rank starts (pickup.DATA_PARALLEL); rank 0 records
-        return run_planned(cfg, run_name, output_dir, data_parallel_plan(cfg), sweep, ddp)
+        plan = data_parallel_plan(cfg)
+        plan.tags.update(precision.tags())
+        return run_planned(cfg, run_name, output_dir, plan, sweep, ddp)
     try:
         plan = plan_variant(cfg, run_name)
+        plan.tags.update(precision.tags())
     except VariantBusy as err:  # another live process trains this very config: leave it to that one
         log.error("%s", err)
         return None
@@ -122,8 +129,11 @@ def run_planned(cfg: Config, run_name: str, output_dir: Path, plan: Plan, sweep:
         tracker.log_text(to_yaml(cfg), "config.yaml")
         tracker.set_tags({"output_dir": str(output_dir)})
         components, guard, device = None, None, None
+        requested = cfg  # as hashed: gradient_checkpointing=auto stays auto there (README)
         try:
             device, guard = claim_device(cfg, ddp, held, tracker)
+            cfg, checkpointing = resolve_checkpointing(cfg, device)
+            tracker.set_tags(checkpointing.tags())
             if main_rank:
                 log_predicted_fit(tracker, cfg, device)
             # Under torchrun: the fullest GPU's numbers.
@@ -135,7 +145,7 @@ def run_planned(cfg: Config, run_name: str, output_dir: Path, plan: Plan, sweep:
                 components = acquire(cfg, device)  # the sweep's loaded base, or a fresh one
             hooks = training_hooks(components, cfg, device, len(data.train), tracker, job_label(run_name))
             precompute_peak: dict[str, float] = {}
-            checkpointer = plan.checkpointer(cfg)
+            checkpointer = plan.checkpointer(requested)
             with phases("train_other"):
                 loop_start = training_starts(hooks.loop_start, guard, tracker, precompute_peak,
                                              phases.mark("loop_start"))
@@ -188,7 +198,12 @@ def claim_device(cfg: Config, ddp: Optional[distributed.Ddp], held: contextlib.E
     distributed.setup(claim.device)
     tracker.set_tags({"device": device_tag(claim.device), **claim.tags(),
                       **({"ddp.world_size": str(ddp.world)} if ddp else {})})
-    guard = MemoryGuard(cfg.memory.budget_gib, claim.device, cfg.memory.enforce)
+    if cfg.trainer.precision.value == "bf16" and claim.device.type == "cuda":
+        # The preflight stops this before a sweep starts; here for a job that claimed a GPU it did not see.
+        problem = bf16_problem(card_of(claim.device.index))
+        if problem:
+            raise RuntimeError(problem)
+    guard = MemoryGuard.for_config(cfg.memory, claim.device)
     guard.start()
     return claim.device, guard
 
@@ -311,7 +326,8 @@ def reevaluate(run_id: str, tracking, eval_overrides: list[str], device_name: Op
             raise ValueError(f"run {run_id} has status {run.data.tags.get('status')!r}: only a variant that trained "
                              "(status ok) can be evaluated")
         with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as held:
-            recorded = OmegaConf.load(tracker.client.download_artifacts(run_id, "config.yaml", tmp))
+            recorded = from_before_card_profiles(OmegaConf.load(tracker.client.download_artifacts(run_id, "config.yaml",
+                                                                                                  tmp)))
             cfg = to_typed(OmegaConf.merge(OmegaConf.structured(Config), recorded, eval_group_overrides(eval_overrides)))
             lora_file = Path(tracker.client.download_artifacts(run_id, "lora/pytorch_lora_weights.safetensors", tmp))
             device = held.enter_context(acquire_device(device_name or cfg.device)).device  # as in training
@@ -328,6 +344,15 @@ def reevaluate(run_id: str, tracking, eval_overrides: list[str], device_name: Op
             if metrics:
                 tracker.set_tags({"no_effect": str(bool(reason)).lower(), **({"no_effect_reason": reason} if reason else {})})
         return metrics
+
+
+def from_before_card_profiles(recorded):
+    """A config.yaml recorded before the card profiles (issue 17) has `memory.budget_gib` alone: a
+    plain allocator budget then, so it is read as one (not as the T4 profile plus a budget)."""
+    memory = recorded.get("memory")
+    if memory is not None and "card_total_mib" not in memory and memory.get("budget_gib") is not None:
+        memory.card, memory.card_total_mib, memory.bf16_native = None, None, None
+    return recorded
 
 
 def eval_group_overrides(overrides: list[str]):

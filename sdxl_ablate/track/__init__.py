@@ -1,4 +1,5 @@
-"""Recording: the MLflow tracker, the journal that keeps a run when MLflow fails, and its replay."""
+"""Recording: the MLflow tracker, the write-ahead journal of every run (all of it, so a failed
+store loses nothing), and its replay."""
 
 import os
 

@@ -23,6 +23,7 @@ from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
 
 from sdxl_ablate.config import TrackingConfig
+from sdxl_ablate.track.latest import LatestMetrics
 from sdxl_ablate.track.limits import batches, param_values, tag_values
 from sdxl_ablate.track.protocol import RunTracker
 
@@ -145,12 +146,14 @@ class Tracker(RunTracker):
         self._tags = tag_values(tags or {})
         self.run_id: str | None = run_id  # given: reopen that run (a resume, a re-evaluation)
         self.status = "failed"
+        self._latest = LatestMetrics()  # what the run's metrics read back as, without asking the store
         if run_id is None:
             self.experiment_id = get_or_create_experiment(self.client, cfg.experiment or experiment, cfg.artifact_root)
         else:
             run = self.client.get_run(run_id)
             self.experiment_id = run.info.experiment_id
             self.status = run.data.tags.get("status", "failed")  # kept unless the caller sets another
+            self._latest.seed(run.data.to_proto().metrics)  # the reopened run's history goes on
 
     def __enter__(self) -> "Tracker":
         if self.run_id is not None:
@@ -174,11 +177,16 @@ class Tracker(RunTracker):
         for batch in batches([Param(k, v) for k, v in param_values(params).items()]):
             self.client.log_batch(self.run_id, params=batch)
 
-    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
-        now = int(time.time() * 1000)
+    def log_metrics(self, metrics: dict[str, float], step: int = 0, timestamp_ms: int | None = None) -> None:
+        """`timestamp_ms`: the points' time (default now); the journal passes the one it recorded."""
+        now = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
         items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None and math.isfinite(float(v))]
         for batch in batches(items):
             self.client.log_batch(self.run_id, metrics=batch)
+        self._latest.update({m.key: m.value for m in items}, step, now)
+
+    def latest_metrics(self) -> dict[str, float]:
+        return self._latest.values()
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tag_values(tags).items()])

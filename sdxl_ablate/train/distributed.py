@@ -199,3 +199,6 @@ class NullTracker(RunTracker):
 
     def log_image(self, image, key: str, step: int) -> None:
         pass
+
+    def latest_metrics(self) -> dict[str, float]:
+        return {}

@@ -9,6 +9,7 @@ from typing import Callable, Iterator
 import torch
 
 from sdxl_ablate.config import Config
+from sdxl_ablate.train.auto import checkpointing_on
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,6 @@ def graphs_usable(cfg: Config, device: torch.device) -> tuple[bool, str]:
         return False, "CUDA graphs need a CUDA device"
     if lo.text_encoder:
         return False, "text-encoder LoRA tokenizes and encodes prompts on the host inside the step"
-    if lo.dropout > 0 and t.gradient_checkpointing:
+    if lo.dropout > 0 and checkpointing_on(cfg, device):
         return False, "LoRA dropout with checkpointing must save and restore the RNG state per block"
     return True, "on"

@@ -25,7 +25,7 @@ class MicroBatches:
                  generator: torch.Generator):
         self.c, self.data, self.cfg, self.device, self.rng, self.generator = c, data, cfg, device, rng, generator
         self.dtype = compute_dtype(cfg)
-        self.transform = ImageTransform(cfg.data.resolution, cfg.data.crop, cfg.data.flip)
+        self.transform = ImageTransform(cfg.data.resolution, cfg.data.crop, cfg.data.flip, cfg.data.crop_scale)
         self.cache = None
         text_encoder = cfg.lora.text_encoder
         if cfg.trainer.cache_latents:
@@ -47,7 +47,9 @@ class MicroBatches:
     def _inputs(self, indices: list[int]):
         c, cache, device, rng = self.c, self.cache, self.device, self.rng
         if cache is not None:
-            items = [rng.choice(cache.items[i]) for i in indices]  # random orientation when flipped copies exist
+            # A random one of the image's cached versions: orientation (data.flip) and crop
+            # (data.crops_per_image), so with several random crops the crop changes from step to step.
+            items = [rng.choice(cache.items[i]) for i in indices]
             mean = torch.stack([p.mean for p in items]).to(device)
             std = torch.stack([p.std for p in items]).to(device)
         else:

@@ -1,7 +1,10 @@
 """The memory guard: cap the process at the budget, measure each variant's peak cleanly.
 
-On CUDA the caching allocator is capped at `memory.budget_gib`, so a variant that would
-not fit a 16 GB card raises OutOfMemoryError here too, even on an 80 GB GPU. Peak
+On CUDA the caching allocator is capped at the budget, `memory.budget()`: for a card profile
+(conf/memory/<card>.yaml) the card's reported total less what a process holds there outside
+the allocator (CUDA context, library kernels and workspaces: `memory.overhead_mib`). So a
+variant that would not fit a T4 raises OutOfMemoryError here too, even on an 80 GB GPU, and the
+peak the card itself would see, reserved + overhead, is logged as `memory/peak_card_gib`. Peak
 allocated and peak reserved are reset at the start of every variant, because Hydra runs a
 sweep's jobs in one process and the counters (and the cache) would otherwise carry over.
 On CPU there is no allocator to cap: the peak resident set size of the process is
@@ -38,9 +41,17 @@ def configure_allocator(expandable_segments: bool) -> None:
 
 @dataclass
 class MemoryGuard:
-    budget_gib: float
+    budget_gib: float  # what the allocator may reserve
     device: torch.device
     enforce: bool = True
+    # What the emulated card holds outside the allocator (None: no card profile, no card-side peak).
+    overhead_gib: float | None = None
+
+    @classmethod
+    def for_config(cls, memory, device: torch.device) -> "MemoryGuard":
+        """The guard of a `MemoryConfig`: its budget rule and, for a card profile, its overhead."""
+        overhead = memory.overhead_gib() if memory.card_total_mib is not None else None
+        return cls(memory.budget(), device, memory.enforce, overhead)
 
     def __post_init__(self) -> None:
         # torch.device("cuda") names no GPU; the per-process cap needs the index.
@@ -80,10 +91,14 @@ class MemoryGuard:
     def peak(self, prefix: str = "memory/peak") -> dict[str, float]:
         """Peak memory since the phase began, in GiB, under names that say what was measured."""
         if self.cuda:
-            return {
-                f"{prefix}_allocated_gib": torch.cuda.max_memory_allocated(self.device) / GIB,
-                f"{prefix}_reserved_gib": torch.cuda.max_memory_reserved(self.device) / GIB,
-            }
+            reserved = torch.cuda.max_memory_reserved(self.device) / GIB
+            out = {f"{prefix}_allocated_gib": torch.cuda.max_memory_allocated(self.device) / GIB,
+                   f"{prefix}_reserved_gib": reserved}
+            if self.overhead_gib is not None:
+                # What the card would hold at that peak: the allocator's reserved memory plus what
+                # the process holds outside it (the profile's overhead, not measured in this run).
+                out[f"{prefix}_card_gib"] = reserved + self.overhead_gib
+            return out
         return {f"{prefix}_rss_gib": peak_rss_bytes() / GIB}
 
     def current(self, prefix: str = "memory/phase_start") -> dict[str, float]:
@@ -94,7 +109,9 @@ class MemoryGuard:
         return {f"{prefix}_rss_gib": current_rss_bytes() / GIB}
 
     def headroom(self, *peaks: dict[str, float]) -> dict[str, float]:
-        """The budget minus the largest peak of the phases, in GiB. On CUDA the peak reserved:
+        """The budget minus the largest peak of the phases, in GiB. With a card profile the budget is
+        the card's total less the overhead, so this is also the card's total less its card-side
+        peak (`*_card_gib`). On CUDA the peak reserved:
         with the cap on, a variant over the budget dies with an OOM before this is logged, so
         a negative number means the guard was off (memory.enforce=false). On CPU nothing is
         capped and the peak RSS is the whole process's (interpreter, libraries, data), so the

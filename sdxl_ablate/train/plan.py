@@ -318,6 +318,8 @@ def simulate_step(cfg: Config, batch_size: int | None = None) -> StepSimulation:
     """One optimizer step of `cfg` on the meta device (see the module docstring)."""
     from sdxl_ablate.model.precision import compute_dtype
 
+    if "auto" in (cfg.trainer.precision.value, cfg.trainer.gradient_checkpointing):
+        cfg, _ = for_the_card(cfg)  # a composed config, as `python -m sdxl_ablate.plan` gets it
     batch = batch_size or cfg.trainer.batch_size
     r = _run_step(cfg, batch, compute_dtype(cfg))
     c = r["components"]
@@ -336,6 +338,7 @@ def simulate_step(cfg: Config, batch_size: int | None = None) -> StepSimulation:
 def _run_step(cfg: Config, batch: int, dtype: torch.dtype) -> dict:
     from sdxl_ablate.data.precompute import encode_images, encode_prompts
     from sdxl_ablate.train.objective import diffusion_loss
+    from sdxl_ablate.train.auto import checkpointing_on
     from sdxl_ablate.train.setup import configure, place_components
 
     t, lo = cfg.trainer, cfg.lora
@@ -347,7 +350,7 @@ def _run_step(cfg: Config, batch: int, dtype: torch.dtype) -> dict:
     watcher = _Watcher()
     autocast = _CudaAutocast(dtype if dtype != torch.float32 else None, watcher)
     recompute = _Recomputation(autocast)
-    if t.gradient_checkpointing:
+    if checkpointing_on(cfg, torch.device("cuda")):
         # The backward's recomputation runs outside the autocast stand-in (the GPU's real
         # checkpoint re-enters autocast itself): make each checkpointed call re-enter it.
         for m in (*c.unet.modules(), *c.text_encoder.modules(), *c.text_encoder_2.modules()):
@@ -396,14 +399,57 @@ def _run_step(cfg: Config, batch: int, dtype: torch.dtype) -> dict:
 
 def predicted_fit(cfg: Config, device: torch.device) -> dict[str, float]:
     """The dry run's prediction for a variant about to train on `device`, as metrics: its peak
-    reserved GPU memory and the headroom left under the budget. Empty where the plan cannot
-    predict: the allocator model is fitted to full-size SDXL on CUDA, so the tiny model and a
-    CPU run get no number rather than a made-up one. The simulation takes 5 to 20 s of CPU for
-    full-size SDXL (measured on a busy 2-core machine), small beside loading and training it."""
+    reserved GPU memory and the headroom left under the budget (`memory.budget()`: the card's total
+    less what it holds outside the allocator, the same rule as the memory guard's cap). Empty where
+    the plan cannot predict: the allocator model is fitted to full-size SDXL on CUDA, so the tiny
+    model and a CPU run get no number rather than a made-up one. The simulation takes 5 to 20 s of
+    CPU for full-size SDXL (measured on a busy 2-core machine), small beside loading and training it."""
     if device.type != "cuda" or architecture(cfg) != "sdxl":
         return {}
     reserved = simulate_step(cfg).peak_reserved_gib
-    return {"plan/predicted_peak_gib": reserved, "plan/predicted_headroom_gib": cfg.memory.budget_gib - reserved}
+    return {"plan/predicted_peak_gib": reserved, "plan/predicted_headroom_gib": cfg.memory.budget() - reserved}
+
+
+def resolve_checkpointing(cfg: Config, device: torch.device, predict=None):
+    """`trainer.gradient_checkpointing=auto` decided for `device` (train/auto.py says the rule):
+    -> (`cfg` with the switch set to what runs, the choice). `predict(cfg) -> peak reserved GiB`
+    defaults to this dry run; a prediction that fails is named in the choice and means on."""
+    from dataclasses import replace
+
+    from sdxl_ablate.train.auto import AUTO, decide, predictable
+
+    if cfg.trainer.gradient_checkpointing != AUTO or not predictable(cfg, device):
+        choice = decide(cfg, device)
+    else:
+        without = replace(cfg, trainer=replace(cfg.trainer, gradient_checkpointing=False))
+        predict = predict or (lambda c: simulate_step(c).peak_reserved_gib)
+        try:
+            choice = decide(cfg, device, predict(without))
+        except Exception as err:  # noqa: BLE001 - the prediction is advisory; on is the safe side
+            choice = decide(cfg, device, None, f"{type(err).__name__}: {err}")
+    return replace(cfg, trainer=replace(cfg.trainer, gradient_checkpointing=choice.enabled)), choice
+
+
+def for_the_card(cfg: Config):
+    """The dry run predicts a CUDA run on the card of `cfg.memory`: `auto` settings resolved as
+    they would be there (precision by the profile's `bf16_native`; none: a bf16 GPU assumed;
+    checkpointing by this prediction). -> (resolved cfg, {key: how it was resolved})."""
+    from dataclasses import replace
+
+    from sdxl_ablate.config import Precision
+
+    notes = {}
+    if cfg.trainer.precision == Precision.auto:
+        native = cfg.memory.bf16_native
+        resolved = Precision.fp16 if native is False else Precision.bf16
+        card = cfg.memory.card or "no card profile"
+        why = ("no native bf16" if native is False else "bf16 native" if native else "a bf16-native GPU assumed")
+        notes["precision"] = f"auto -> {resolved.value} ({card}: {why})"
+        cfg = replace(cfg, trainer=replace(cfg.trainer, precision=resolved))
+    cfg, choice = resolve_checkpointing(cfg, torch.device("cuda"))
+    if choice.requested == "auto":
+        notes["gradient_checkpointing"] = f"auto -> {str(choice.enabled).lower()} ({choice.reason})"
+    return cfg, notes
 
 
 # --- the report -----------------------------------------------------------------------------
@@ -411,9 +457,11 @@ def predicted_fit(cfg: Config, device: torch.device) -> dict[str, float]:
 
 def plan(cfg: Config) -> dict:
     """The dry run's report for a composed config (JSON-ready)."""
+    cfg, resolved = for_the_card(cfg)
     sim = simulate_step(cfg)
-    t = cfg.trainer
+    t, m = cfg.trainer, cfg.memory
     reserved = sim.peak_reserved_gib
+    budget = m.budget()
     return {
         "model": cfg.model.kind.value,
         "architecture": "sdxl-base (full size)" if architecture(cfg) == "sdxl" else "tiny",
@@ -434,9 +482,16 @@ def plan(cfg: Config) -> dict:
             "step_peak_gib": round(sim.step_peak_bytes / GIB, 3),
             "predicted_peak_allocated_gib": round(sim.peak_allocated_gib, 3),
             "predicted_peak_reserved_gib": round(reserved, 3),
-            "budget_gib": cfg.memory.budget_gib,
-            "fits": bool(reserved <= cfg.memory.budget_gib),
+            # The card's side: what it would hold at the peak (reserved + what the process holds
+            # outside the allocator) against its total; the budget is the allocator's share.
+            "card": m.card,
+            "card_total_gib": None if m.card_total_mib is None else round(m.card_total_mib / 1024, 3),
+            "overhead_gib": round(m.overhead_gib(), 3),
+            "predicted_card_peak_gib": round(reserved + m.overhead_gib(), 3),
+            "budget_gib": round(budget, 3),
+            "fits": bool(reserved <= budget),
         },
+        "resolved": resolved,
     }
 
 

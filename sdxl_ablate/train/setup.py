@@ -19,8 +19,9 @@ from sdxl_ablate.config import BaseWeights, Config, Optimizer, Precision
 from sdxl_ablate.model.compile import compile_blocks
 from sdxl_ablate.model.lora import add_adapters
 from sdxl_ablate.model.placement import place
-from sdxl_ablate.model.precision import compute_dtype, vae_dtype
+from sdxl_ablate.model.precision import compute_dtype, unet_dtype, vae_dtype
 from sdxl_ablate.train import distributed
+from sdxl_ablate.train.auto import checkpointing_on
 from sdxl_ablate.train.graphs import GraphedStep, graphs_usable
 from sdxl_ablate.train.memory import store_base_weights_fp8
 from sdxl_ablate.train.objective import forward_backward_of
@@ -73,17 +74,19 @@ def lora_input_casting(c, enabled: bool) -> None:
 
 
 def place_components(c, cfg: Config, device: torch.device) -> None:
-    """Frozen weights in the compute dtype, the VAE in its own (see precision.vae_dtype)."""
+    """Frozen weights in the compute dtype (the UNet in fp32 with trainer.base_weights=fp32), the
+    VAE in its own (see precision.vae_dtype and unet_dtype)."""
     dtype = compute_dtype(cfg)
-    place(c.unet, device, dtype)
+    place(c.unet, device, unet_dtype(cfg, dtype))
     place(c.vae, device, vae_dtype(cfg, dtype))
     place(c.text_encoder, device, dtype)
     place(c.text_encoder_2, device, dtype)
 
 
-def configure(c, cfg: Config) -> None:
+def configure(c, cfg: Config, device: torch.device | None = None) -> None:
     """The switches of `cfg.trainer` that hold on any device, applied to components that carry
-    their adapters: precision of the trainable weights, fp8 base weights, checkpointing, modes."""
+    their adapters: precision of the trainable weights, fp8 base weights, checkpointing, modes.
+    `device` decides an unresolved `gradient_checkpointing=auto` (train/auto.py; None: the CPU)."""
     t, lo = cfg.trainer, cfg.lora
     dtype = compute_dtype(cfg)
     # The optimizer and the fp16 loss scaler need fp32 master weights.
@@ -96,7 +99,7 @@ def configure(c, cfg: Config) -> None:
     if t.base_weights == BaseWeights.fp8:
         # Half the bytes of the frozen UNet; the matmuls still run in the compute dtype.
         store_base_weights_fp8(c.unet, dtype)
-    if t.gradient_checkpointing:
+    if checkpointing_on(cfg, device or torch.device("cpu")):
         # Keep only each block's input in the forward and recompute the block in the backward:
         # about one forward more arithmetic for a fraction of the activation memory.
         c.unet.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_function(cfg))
@@ -114,7 +117,7 @@ def prepare_model(c, cfg: Config, device: torch.device) -> list[torch.nn.Paramet
     t = cfg.trainer
     place_components(c, cfg, device)
     params = add_adapters(c, cfg.lora)
-    configure(c, cfg)
+    configure(c, cfg, device)
     if device.type == "cuda":  # on a CPU (tests, the demo) these cost more than they save
         if t.channels_last:
             # cuDNN's fastest bf16 convolutions want NHWC; the UNet's activations follow its weights.
