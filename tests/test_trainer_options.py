@@ -92,3 +92,22 @@ def test_noise_offset_changes_the_noise_per_channel_only():
     shift = offset - plain
     assert not torch.equal(plain, offset)
     assert torch.allclose(shift, shift[..., :1, :1].expand_as(shift), atol=1e-6)  # constant per channel
+
+
+def test_log_lines_during_training_go_above_the_bar_not_into_it(tmp_path):
+    """A log line mid-training (a checkpoint written, a step skipped) is written through tqdm,
+    which clears the bar, prints the line and redraws the bar: the console handler is tqdm's."""
+    import logging
+    import sys
+
+    seen = []
+    console = logging.StreamHandler(sys.stderr)
+    logging.root.addHandler(console)
+    try:
+        cfg, c, data = setup(tmp_path, "trainer.max_steps=2")
+        hooks = train_mod.Hooks(after_step=lambda n: seen.append([type(h).__name__ for h in logging.root.handlers]))
+        train_mod.train(c, data, cfg, torch.device("cpu"), hooks=hooks)
+        assert seen and all("_TqdmLoggingHandler" in names and "StreamHandler" not in names for names in seen)
+        assert console in logging.root.handlers  # restored after the loop
+    finally:
+        logging.root.removeHandler(console)
