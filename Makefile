@@ -48,7 +48,7 @@ mlflow-ui: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
 ## The study in the real MLflow UI (headless chromium: apt-get update && apt-get install -y chromium):
-## screenshots into reports/<study>/ui/, non-zero exit if runs or headline metrics are missing.
+## screenshots into reports/<study>/ui/, non-zero exit if a run is RUNNING, headline metrics or the report view are missing.
 ui-check: install
 	$(BIN)/python -m tests.e2e.ui_check --study $(or $(STUDY),demo)
 

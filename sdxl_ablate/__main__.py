@@ -29,8 +29,11 @@ _single_run_failed = False
 
 
 def run_name() -> str:
-    """The variant's overrides (minus bookkeeping keys, see conf/config.yaml): `lora.targets=all`."""
-    return HydraConfig.get().job.override_dirname or "default"
+    """The variant's overrides (minus bookkeeping keys, see conf/config.yaml), variant first:
+    `te_all seed=1`, `lora.targets=all` (identity.run_name_of)."""
+    from sdxl_ablate.config.identity import run_name_of
+
+    return run_name_of(HydraConfig.get().job.override_dirname)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

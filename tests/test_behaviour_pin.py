@@ -56,7 +56,20 @@ def test_a_tiny_variant_trains_the_same_bits_as_before_the_restructure(tmp_path,
     exp = client.get_experiment_by_name("pin")
     (run,) = client.search_runs([exp.experiment_id], f"attributes.run_name = '{variant}'")
     assert run.data.tags["status"] == "ok"
-    losses = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.step)]
+    def history(metric):
+        return [m.value for m in sorted(client.get_metric_history(run.info.run_id, metric), key=lambda m: m.step)]
+
+    # The pinned losses are the backpropagated objective: min-SNR weighted for "rich", which since
+    # issue 19 logs it as train/weighted_loss and the unweighted mean as train/loss.
+    weighted = "trainer.snr_gamma=5.0" in VARIANTS[variant]
+    losses = history("train/weighted_loss" if weighted else "train/loss")
     digest = lora_digest(tmp_path / "out" / "lora" / "pytorch_lora_weights.safetensors")
     print(variant, repr(digest), losses)
     assert (digest, losses) == PINNED[variant]
+    if weighted:  # the unweighted loss of the same samples; min-SNR weights are <= 1 (1 below gamma)
+        plain = history("train/loss")
+        assert len(plain) == len(losses) and all(p >= w for p, w in zip(plain, losses))
+        assert any(p > w for p, w in zip(plain, losses))
+        assert run.data.metrics["train/final_weighted_loss"] == pytest.approx(sum(losses) / len(losses))
+    else:
+        assert not history("train/weighted_loss") and "train/final_weighted_loss" not in run.data.metrics

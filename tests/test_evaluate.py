@@ -37,6 +37,10 @@ METRICS = {
     "eval/heldout_loss", "eval/heldout_loss_base", "eval/heldout_loss_delta", "eval/heldout_loss_delta_se",
     "eval/clip_style", "eval/clip_text", "eval/clip_style_base", "eval/clip_text_base",
     "eval/clip_style_lift", "eval/clip_text_lift",
+    # The noise of each (issue 19): per image for CLIP (paired for the lifts), per pair for the loss.
+    "eval/heldout_loss_se", "eval/heldout_loss_base_se", "eval/clip_style_se", "eval/clip_text_se",
+    "eval/clip_style_base_se", "eval/clip_text_base_se", "eval/clip_style_lift_se", "eval/clip_text_lift_se",
+    "eval/clip_random",  # 1: eval=tiny's random CLIP
 }
 
 
@@ -222,6 +226,15 @@ def test_evaluate_end_to_end(tmp_path, store):
     assert [(im["prompt"], im["seed"]) for im in scores["images"]] == [
         ("a red circle", 0), ("a red circle", 1), ("a blue square", 0), ("a blue square", 1)]
     assert np.mean([im["clip_style"] for im in scores["images"]]) == pytest.approx(metrics["eval/clip_style"])
+    # Each SE is the per-image (paired for a lift) standard error of the mean it belongs to.
+    style = np.array([im["clip_style"] for im in scores["images"]])
+    lifts = style - np.array([im["clip_style_base"] for im in scores["images"]])
+    assert metrics["eval/clip_style_se"] == pytest.approx(style.std(ddof=1) / np.sqrt(n))
+    assert metrics["eval/clip_style_lift_se"] == pytest.approx(lifts.std(ddof=1) / np.sqrt(n))
+    pairs = np.array(scores["heldout_losses"]["lora"])
+    assert len(pairs) == 2 * 3 and pairs.mean() == pytest.approx(metrics["eval/heldout_loss"])
+    assert metrics["eval/heldout_loss_se"] == pytest.approx(pairs.std(ddof=1) / np.sqrt(len(pairs)))
+    assert scores["clip_scorer"] == "smoke test: random CLIP"
 
     client = MlflowClient(cfg.tracking.uri)
     assert {f.path for f in client.list_artifacts(tracker.run_id, "eval")} == {
@@ -230,6 +243,8 @@ def test_evaluate_end_to_end(tmp_path, store):
         f"eval/images/{kind}_{i}.png" for kind in ("base", "lora") for i in range(n)}
     logged = client.get_run(tracker.run_id).data.metrics
     assert logged == pytest.approx(metrics)
+    assert client.get_run(tracker.run_id).data.tags["clip_scorer"] == "smoke test: random CLIP"
+    assert metrics["eval/clip_random"] == 1.0
     assert Image.open(out_dir / "grid.png").size == grid_layout((64, 64), n).size
 
 
@@ -241,7 +256,8 @@ def test_evaluate_without_heldout_images_skips_the_loss_and_style(tmp_path, stor
         with Tracker(cfg.tracking, "study", "variant") as tracker:
             metrics = evaluate(components, lora_file, data, cfg, torch.device("cpu"), tracker, tmp_path / "eval")
             tracker.set_status("ok")
-    assert set(metrics) == {"eval/clip_text", "eval/clip_text_base", "eval/clip_text_lift"}
+    assert set(metrics) == {"eval/clip_text", "eval/clip_text_base", "eval/clip_text_lift", "eval/clip_text_se",
+                            "eval/clip_text_base_se", "eval/clip_text_lift_se", "eval/clip_random"}
     assert "no held-out images" in caplog.text
 
 

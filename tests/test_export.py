@@ -14,6 +14,9 @@ from sdxl_ablate.model import kohya
 from sdxl_ablate.config import LoraConfig, Targets
 from sdxl_ablate.export.lora_export import (
     DORA_NOTE,
+    KohyaModule,
+    base_model,
+    kohya_metadata,
     ExportError,
     kohya_filename,
     main,
@@ -451,11 +454,29 @@ def test_every_finished_run_logs_the_kohya_file_and_the_cli_exports_by_run_id(tm
     logged = sorted(a.path for a in client.list_artifacts(run.info.run_id, "lora"))
     assert logged == ["lora/lora.targets-all_lora.rank-4_kohya.safetensors", "lora/pytorch_lora_weights.safetensors"]
     artifact = client.download_artifacts(run.info.run_id, logged[0], str(tmp_path / "dl"))
-    assert _meta(artifact)["modelspec.title"] == name
+    # A tiny-model run says so: not an SDXL base 1.0 LoRA, in its version, architecture and title.
+    meta = _meta(artifact)
+    assert meta["modelspec.title"] == f"{name} (tiny test model, random weights)"
+    assert meta["ss_base_model_version"] == "sdxl_ablate_tiny" and meta["ss_sd_model_name"].startswith("tiny")
+    assert meta["modelspec.architecture"] == "sdxl-ablate-tiny/lora"
+    assert "on tiny test model, random weights" in meta["modelspec.description"]
 
     out = tmp_path / "by_id.safetensors"
     assert main([run.info.run_id, "--tracking-uri", uri, "--out", str(out)]) == 0
     a, b = load_file(artifact), load_file(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert all(v.item() == 8.0 for k, v in b.items() if k.endswith(".alpha"))
-    assert _meta(out)["modelspec.title"] == name
+    assert _meta(out)["modelspec.title"] == f"{name} (tiny test model, random weights)"
+
+
+def test_the_base_model_in_the_metadata_is_what_the_run_trained_on():
+    hub = base_model("pretrained", "stabilityai/stable-diffusion-xl-base-1.0")
+    assert (hub.version, hub.name) == ("sdxl_base_v1-0", "stabilityai/stable-diffusion-xl-base-1.0")
+    assert base_model("sdxl_random").version == "sdxl_ablate_random"
+    assert "random weights" in base_model("sdxl_random").name and "random weights" in base_model("tiny").name
+    with pytest.raises(ExportError, match="model.kind='sd15': expected one of pretrained, tiny, sdxl_random"):
+        base_model("sd15")
+    meta = kohya_metadata([KohyaModule("lora_unet_x", "unet", 4, 4.0, 1)], "te_all seed=1", False, base=hub)
+    assert meta["modelspec.title"] == "te_all seed=1 (stabilityai/stable-diffusion-xl-base-1.0)"
+    assert meta["ss_sd_model_name"] == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert meta["ss_output_name"] == "te_all seed=1"

@@ -53,3 +53,19 @@ def test_variant_tags_are_the_axes_with_study_model_and_seed():
     tags = variant_tags(cfg)
     assert set(tags) == {"study", "model", "trainer.seed", *AXES}
     assert tags["lora.text_encoder"] == "true" and tags["trainer.seed"] == "3"
+
+
+@pytest.mark.parametrize("overrides, name", [
+    ("trainer.seed=1,variant=te_all", "te_all seed=1"),
+    ("variant=attn_dropout05", "attn_dropout05"),
+    ("lora.rank=4,trainer.seed=2,variant=all", "all lora.rank=4 seed=2"),
+    ("lora.targets=all", "lora.targets=all"),
+    ("", "default"),
+])
+def test_run_names_lead_with_the_variant_and_the_report_reads_them_back(overrides, name):
+    from sdxl_ablate.config.identity import run_name_of, seed_override, short_name, without_seed
+
+    assert run_name_of(overrides) == name
+    # The report's reading of a run name (seed, variant) is the same for the old and new spelling.
+    assert seed_override(name) == seed_override(overrides)
+    assert short_name(without_seed(name)) == short_name(without_seed(overrides or "default"))

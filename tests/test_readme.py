@@ -40,10 +40,12 @@ NEEDS = "needs"            # not run: its line says what it needs
 SERVER = "server"          # a server: started, must answer, stopped
 BROWSER = "browser"        # needs chromium: run where it is installed
 THIS_SUITE = "this suite"  # `make test` runs this file
+ACTIVATE = "activate"      # the README's one activation line: every later command runs after it
 
 COMMANDS: dict[str, str] = {
     "make demo": RUN,
     "make test": THIS_SUITE,
+    "source .venv/bin/activate": ACTIVATE,
     "python -m sdxl_ablate": NEEDS,
     "python -m sdxl_ablate -m lora.targets=attn,all": NEEDS,
     "python -m sdxl_ablate -m experiment=demo lora.targets=attn,all": RUN,
@@ -150,30 +152,39 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
 
 
 class Reader:
-    """A person going down the README in one fresh directory with the project's .venv."""
+    """A person going down the README in one fresh directory with the project's .venv: its bin
+    is not on PATH until the README's activation line has run, and every later command runs
+    after that line, in bash, as in the reader's shell."""
 
     def __init__(self, workdir: Path):
         self.dir = workdir
         for name in ("Makefile", "pyproject.toml"):
             shutil.copy2(REPO / name, workdir / name)  # mtimes kept: make sees .venv as installed
         (workdir / ".venv").symlink_to(VENV)
-        self.env = {**os.environ, "PATH": f"{VENV / 'bin'}{os.pathsep}{os.environ['PATH']}",
+        path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep)
+                               if Path(p).resolve() != (VENV / "bin").resolve())
+        self.env = {**{k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}, "PATH": path,
                     "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
                     "PYTHONPATH": str(REPO)}
         self.log: list[str] = []
         self.servers: list[subprocess.Popen] = []
+        self.activation = ""  # the README's activation line, once it has been read
+
+    def shell(self, command: str) -> str:
+        return f"{self.activation} && {command}" if self.activation else command
 
     def run(self, command: str, expect_rc: int = 0, timeout: float = 900) -> str:
         start = time.monotonic()
-        p = subprocess.run(command, shell=True, cwd=self.dir, env=self.env, capture_output=True, text=True,
-                           timeout=timeout)
+        p = subprocess.run(self.shell(command), shell=True, executable="/bin/bash", cwd=self.dir, env=self.env,
+                           capture_output=True, text=True, timeout=timeout)
         out = p.stdout + p.stderr
         self.log.append(f"{time.monotonic() - start:6.1f} s  rc={p.returncode}  {command}")
         assert p.returncode == expect_rc, f"`{command}` exited {p.returncode} (want {expect_rc}):\n{out[-4000:]}"
         return out
 
     def serve(self, command: str, url: str) -> None:
-        proc = subprocess.Popen(command, shell=True, cwd=self.dir, env=self.env, stdout=subprocess.DEVNULL,
+        proc = subprocess.Popen(self.shell(command), shell=True, executable="/bin/bash", cwd=self.dir, env=self.env,
+                                stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True)
         self.servers.append(proc)
         _wait_http(url, proc)
@@ -195,7 +206,7 @@ class Reader:
         exp = client.get_experiment_by_name("demo")
         runs = client.search_runs([exp.experiment_id], "tags.kind = 'variant' and tags.status = 'ok'",
                                   order_by=["attributes.start_time DESC"])
-        return next(r for r in runs if r.data.tags.get("mlflow.runName") == "variant=attn")
+        return next(r for r in runs if r.data.tags.get("mlflow.runName") == "attn")  # variant=attn
 
     def fill(self, command: str) -> str:
         run = self.finished_run()
@@ -251,6 +262,10 @@ def test_the_readme_commands_work_as_written(tmp_path, capsys):
             how = COMMANDS[command]
             if how in (NEEDS, THIS_SUITE):
                 continue
+            if how == ACTIVATE:
+                reader.run(command)  # it must work as a command, too
+                reader.activation = command
+                continue
             if how == BROWSER:
                 if shutil.which("chromium"):
                     reader.run(command)
@@ -273,3 +288,18 @@ def test_the_readme_commands_work_as_written(tmp_path, capsys):
         reader.stop_servers()
         with capsys.disabled():
             print("\nREADME commands:\n  " + "\n  ".join(reader.log))
+
+
+def test_the_activation_line_comes_before_every_command_that_needs_the_venv(tmp_path):
+    """After `make demo` the README's commands run in .venv: its one activation line comes first,
+    and without it `python` does not find the project's dependencies (as the issue saw)."""
+    commands = [c for c, _, _ in readme_commands()]
+    first_tool = min(i for i, c in enumerate(commands) if re.search(r"(^|\s)(python|mlflow|torchrun)\s", c))
+    assert commands.index("source .venv/bin/activate") < first_tool, commands[first_tool]
+    if not (VENV / "bin" / "activate").is_file():
+        pytest.skip("needs the project's .venv (make install)")
+    reader = Reader(tmp_path)
+    probe = "python -c 'import hydra, sdxl_ablate'"
+    reader.run(probe, expect_rc=1)  # not activated: no hydra
+    reader.activation = "source .venv/bin/activate"
+    reader.run(probe)

@@ -81,7 +81,7 @@ def test_oom_ends_the_variant_with_status_oom_and_its_peak(tmp_path, monkeypatch
 def test_non_finite_losses_in_a_row_end_the_run_with_status_nan(tmp_path, monkeypatch):
     from sdxl_ablate.train import objective
 
-    monkeypatch.setattr(objective, "denoising_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    monkeypatch.setattr(objective, "per_sample_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
     result, run, _ = run_variant(tmp_path, "trainer.max_steps=10", "trainer.max_nonfinite_in_row=3")
     assert result is None
     assert run.data.tags["status"] == "nan"
@@ -131,14 +131,14 @@ def test_unreadable_images_are_skipped_counted_and_logged(tmp_path):
 def test_a_skipped_non_finite_step_is_counted_and_training_goes_on(tmp_path, monkeypatch):
     from sdxl_ablate.train import objective
 
-    real, calls = objective.denoising_loss, []
+    real, calls = objective.per_sample_loss, []
 
     def flaky(*args, **kwargs):
         calls.append(1)
         loss = real(*args, **kwargs)
         return loss * float("inf") if len(calls) == 2 else loss
 
-    monkeypatch.setattr(objective, "denoising_loss", flaky)
+    monkeypatch.setattr(objective, "per_sample_loss", flaky)
     result, run, client = run_variant(tmp_path, "trainer.max_steps=4")
     assert run.data.tags["status"] == "ok"
     assert run.data.metrics["train/nonfinite_steps"] == 1
@@ -195,7 +195,7 @@ def test_a_diverged_run_that_ends_inside_its_non_finite_steps_is_nan_not_ok(tmp_
 def test_a_run_whose_every_step_is_non_finite_is_nan_below_the_threshold(tmp_path, monkeypatch):
     from sdxl_ablate.train import objective
 
-    monkeypatch.setattr(objective, "denoising_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    monkeypatch.setattr(objective, "per_sample_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
     result, run, client = run_variant(tmp_path, "trainer.max_steps=4", "trainer.max_nonfinite_in_row=5")
     assert result is None
     assert run.data.tags["status"] == "nan" and run.data.tags["error"].startswith("4 of 4 steps non-finite")

@@ -31,6 +31,18 @@ def test_summary_metrics_from_a_variants_metrics():
     assert cpu == {"ablation/peak_memory_gib": 1.5}
 
 
+def test_the_headline_carries_the_noise_and_leaves_a_random_clip_out():
+    metrics = {"eval/clip_style": 0.98, "eval/clip_style_base": 0.97, "eval/clip_style_lift_se": 0.002,
+               "eval/heldout_loss": 0.85, "eval/heldout_loss_base": 1.09, "eval/heldout_loss_delta_se": 0.01,
+               "train/final_loss": 0.9}
+    real = summary_metrics({**metrics, "eval/clip_random": 0.0})
+    assert real["ablation/clip_style_lift"] == pytest.approx(0.01) and real["ablation/clip_style_lift_se"] == 0.002
+    assert real["ablation/heldout_loss_drop_se"] == 0.01
+    smoke = summary_metrics({**metrics, "eval/clip_random": 1.0})
+    assert not [k for k in smoke if k.startswith("ablation/clip_")]
+    assert smoke["ablation/heldout_loss_drop"] == pytest.approx(0.24) and smoke["ablation/final_loss"] == 0.9
+
+
 def test_progress_labels():
     assert short_name("variant=attn_dropout05") == "attn_dropout05"
     assert short_name("trainer.seed=1,variant=attn") == "attn seed=1"

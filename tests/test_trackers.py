@@ -54,3 +54,20 @@ def test_a_long_param_journaled_while_the_store_fails_replays(tmp_path):
     run = MlflowClient(good).get_run(run_id)
     assert run.data.params["long"] == long[:MAX_PARAM_VAL_LENGTH]
     assert len(run.data.tags["error"]) == MAX_TAG_VAL_LENGTH and run.data.tags["status"] == "ok"
+
+
+def test_the_study_experiment_opens_in_the_model_training_view(tmp_path):
+    """MLflow 3's UI picks its view from the experiment tag `mlflow.experimentKind`
+    ("custom_model_development" is its "Machine learning" kind); a kind set by a person stays."""
+    cfg = TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", artifact_root=str(tmp_path / "a"))
+    with Tracker(cfg, "fresh", "r"):
+        pass
+    client = MlflowClient(cfg.uri)
+    assert client.get_experiment_by_name("fresh").tags["mlflow.experimentKind"] == "custom_model_development"
+    old = client.create_experiment("old")  # made before the tag existed
+    mine = client.create_experiment("mine", tags={"mlflow.experimentKind": "finetuning"})
+    for name in ("old", "mine"):
+        with Tracker(cfg, name, "r"):
+            pass
+    assert client.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert client.get_experiment(mine).tags["mlflow.experimentKind"] == "finetuning"

@@ -44,8 +44,8 @@ def test_each_optimizer_trains_the_lora_and_nothing_else(tmp_path, optimizer, lr
 
 def test_grad_accumulation_runs_that_many_micro_batches_per_step(tmp_path, monkeypatch):
     calls = []
-    real = objective.denoising_loss
-    monkeypatch.setattr(objective, "denoising_loss", lambda *a, **k: calls.append(a[2].shape[0]) or real(*a, **k))
+    real = objective.per_sample_loss
+    monkeypatch.setattr(objective, "per_sample_loss", lambda *a, **k: calls.append(a[2].shape[0]) or real(*a, **k))
     cfg, c, data = setup(tmp_path, "trainer.max_steps=3", "trainer.grad_accum=2", "trainer.batch_size=3")
     result = train_mod.train(c, data, cfg, torch.device("cpu"))
     assert calls == [3] * 6 and result.images_per_step == 6 and result.steps == 3
@@ -92,3 +92,22 @@ def test_noise_offset_changes_the_noise_per_channel_only():
     shift = offset - plain
     assert not torch.equal(plain, offset)
     assert torch.allclose(shift, shift[..., :1, :1].expand_as(shift), atol=1e-6)  # constant per channel
+
+
+def test_log_lines_during_training_go_above_the_bar_not_into_it(tmp_path):
+    """A log line mid-training (a checkpoint written, a step skipped) is written through tqdm,
+    which clears the bar, prints the line and redraws the bar: the console handler is tqdm's."""
+    import logging
+    import sys
+
+    seen = []
+    console = logging.StreamHandler(sys.stderr)
+    logging.root.addHandler(console)
+    try:
+        cfg, c, data = setup(tmp_path, "trainer.max_steps=2")
+        hooks = train_mod.Hooks(after_step=lambda n: seen.append([type(h).__name__ for h in logging.root.handlers]))
+        train_mod.train(c, data, cfg, torch.device("cpu"), hooks=hooks)
+        assert seen and all("_TqdmLoggingHandler" in names and "StreamHandler" not in names for names in seen)
+        assert console in logging.root.handlers  # restored after the loop
+    finally:
+        logging.root.removeHandler(console)

@@ -36,6 +36,12 @@ def make_study(tmp_path: Path, with_summary: bool) -> str:
             for step in (0, 4):
                 client.log_image(run_id, Image.new("RGB", (64, 64), (40 * step, 90, 160)), key=key, step=step)
         client.set_terminated(run_id, "FINISHED")
+    if with_summary:  # what the report leaves in the experiment: its view of the sweep
+        from sdxl_ablate.report.runs import read_runs
+        from sdxl_ablate.report.study import LATEST_VIEW, ui_link, ui_view
+
+        ui_link(client, "uistudy", ui_view(read_runs(client, "uistudy", None), ["abc123"], "train/final_loss"),
+                [LATEST_VIEW])
     return uri
 
 
@@ -44,7 +50,7 @@ def test_ui_check_screenshots_the_study(tmp_path, capsys):
     uri = make_study(tmp_path, with_summary=True)
     out = tmp_path / "ui"
     assert main(["--study", "uistudy", "--tracking-uri", uri, "--out", str(out)]) == 0, capsys.readouterr().err
-    for name in ("runs_table", "chart_view", "loss_overlay", "compare_runs", "image_slider"):
+    for name in ("first_screen", "runs_table", "chart_view", "loss_overlay", "compare_runs", "image_slider"):
         image = Image.open(out / f"{name}.png")
         assert image.size == (1680, 1050)
         import numpy as np
@@ -66,3 +72,16 @@ def test_ui_check_unknown_study_is_a_clear_error(tmp_path, capsys):
     assert main(["--study", "nope", "--tracking-uri", uri, "--out", str(tmp_path / "ui"),
                  "--chromium", "/bin/true"]) == 2
     assert "no study 'nope'" in capsys.readouterr().err
+
+
+def test_ui_check_fails_on_a_running_run_before_any_browser(tmp_path, capsys):
+    """A run in scope left RUNNING (no status) is named, and no browser is needed to say so."""
+    uri = make_study(tmp_path, with_summary=True)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("uistudy").experiment_id
+    stuck = client.create_run(exp, run_name="variant=te_all",
+                              tags={"kind": "variant", "sweep_id": "abc123"}).info.run_id
+    assert main(["--study", "uistudy", "--tracking-uri", uri, "--out", str(tmp_path / "ui"),
+                 "--chromium", "/bin/true"]) == 1
+    err = capsys.readouterr().err
+    assert f"run variant=te_all ({stuck}) is RUNNING (no status recorded)" in err

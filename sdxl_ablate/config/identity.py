@@ -3,8 +3,9 @@
 A variant is named three ways, all by one rule:
 - `config_hash` (checkpoint directory, "already done" check): every flat config key except the
   ones below that leave the trained LoRA as it is.
-- its run name, Hydra's `override_dirname` of the variant's own overrides, less
-  `run_name_excluded()` (conf/config.yaml lists them; tests/test_config.py holds the two equal).
+- its run name, from Hydra's `override_dirname` of the variant's own overrides, less
+  `run_name_excluded()` (conf/config.yaml lists them; tests/test_config.py holds the two equal),
+  written variant first (`run_name_of`: `te_all seed=1`).
 - its group in the report (`grouping_key`): the hashed params less the seed, whose runs are
   the repeats of one variant.
 
@@ -113,7 +114,8 @@ def variant_tags(cfg: Config) -> dict[str, str]:
 
 # --- run names (Hydra's override_dirname: `key=value` pairs joined by commas) ----------------
 
-_SEED_OVERRIDE = re.compile(rf"(^|,){re.escape(SEED)}=([^,]*)")
+# `trainer.seed=N` in Hydra's override_dirname, or `seed=N` in a run name (`attn seed=1`).
+_SEED_OVERRIDE = re.compile(rf"(^|[, ])(?:{re.escape(SEED)}|seed)=([^, ]*)")
 
 
 def short_name(run_name: str) -> str:
@@ -127,12 +129,19 @@ def short_name(run_name: str) -> str:
     return " ".join(words) or run_name
 
 
+def run_name_of(override_dirname: str) -> str:
+    """The MLflow run name of a variant: its variant first, then its other overrides, then the seed
+    (`trainer.seed=1,variant=te_all` -> `te_all seed=1`), so the UI's truncated names still say
+    which variant ran. Display only: the config hash and the report's grouping use the params."""
+    return short_name(override_dirname) if override_dirname else "default"
+
+
 def seed_override(run_name: str) -> Optional[str]:
-    """The N of the run name's `trainer.seed=N`, None without one."""
+    """The N of the run name's `trainer.seed=N` (or `seed=N`), None without one."""
     match = _SEED_OVERRIDE.search(run_name)
     return match.group(2) if match else None
 
 
 def without_seed(run_name: str) -> str:
-    """The run name with its `trainer.seed=N` override taken out: the variant's name."""
-    return _SEED_OVERRIDE.sub("", run_name).strip(",") or "default"
+    """The run name with its `trainer.seed=N` (or `seed=N`) taken out: the variant's name."""
+    return _SEED_OVERRIDE.sub("", run_name).strip(", ") or "default"

@@ -13,6 +13,15 @@ Metrics (all under `eval/`):
 - `clip_style`, `clip_text` (LoRA) and `clip_style_base`, `clip_text_base` (base model): see
   `style_score` and `text_score`; each metric is the mean of the per-image values.
 - `clip_style_lift` = clip_style - clip_style_base, `clip_text_lift` likewise.
+- Their noise: `<score>_se` is the standard error of each mean over the per-image values
+  (`clip_style_se`, `clip_style_base_se`, ...), `clip_style_lift_se` the paired one over
+  (LoRA image - base image from the same noise); `heldout_loss_se` over the (image, timestep)
+  pairs. The per-pair held-out losses and the per-image scores go into `eval/scores.json`,
+  so the report can pair two variants on the same samples.
+
+A score from `eval=tiny` (a random CLIP) means nothing: the run is tagged `clip_scorer` =
+`RANDOM_CLIP_LABEL` and logs `eval/clip_random` = 1 (0 for a real CLIP); every reader labels
+its CLIP numbers with it, and the `ablation/*` headline leaves them out.
 """
 
 from __future__ import annotations
@@ -37,8 +46,9 @@ from sdxl_ablate.model.placement import place
 from sdxl_ablate.data.precompute import encode_images, encode_prompts, prepare_example
 from sdxl_ablate.model.precision import compute_dtype, vae_dtype
 from sdxl_ablate.train.objective import per_sample_loss
+from sdxl_ablate.track.quiet import no_transformers_bars
 from sdxl_ablate.evaluate.grid import make_grid
-from sdxl_ablate.evaluate.headline import lift
+from sdxl_ablate.evaluate.headline import CLIP_RANDOM_METRIC, RANDOM_CLIP_LABEL, lift
 
 if TYPE_CHECKING:  # an annotation only: evaluation itself needs no MLflow
     from sdxl_ablate.track.tracker import Tracker
@@ -47,6 +57,17 @@ log = logging.getLogger(__name__)
 
 # The held-out noise is part of the metric's definition: the same for every variant.
 HELDOUT_NOISE_SEED = 0
+
+
+def clip_scorer(ev: EvalConfig) -> str:
+    """The run's `clip_scorer` tag: the random-CLIP label, or the model and its weights."""
+    return RANDOM_CLIP_LABEL if ev.clip_model == "tiny" else f"{ev.clip_model} {ev.clip_pretrained}"
+
+
+def standard_error(values: torch.Tensor | list[float]) -> float:
+    """The standard error of a mean over independent samples (nan with fewer than two)."""
+    x = torch.as_tensor(values, dtype=torch.float64)
+    return x.std(unbiased=True).item() / len(x) ** 0.5 if len(x) > 1 else float("nan")
 
 
 class ClipLoadError(RuntimeError):
@@ -197,8 +218,8 @@ def heldout_delta(lora: torch.Tensor, base: torch.Tensor) -> dict[str, float]:
     """LoRA minus base held-out loss, and the standard error of that difference over the paired
     (image, timestep) samples: the evaluation's own noise, against which an effect is judged."""
     diff = (lora - base).double()
-    se = diff.std(unbiased=True).item() / len(diff) ** 0.5 if len(diff) > 1 else float("nan")
-    return {"eval/heldout_loss_delta": diff.mean().item(), "eval/heldout_loss_delta_se": se}
+    return {"eval/heldout_loss_delta": diff.mean().item(), "eval/heldout_loss_delta_se": standard_error(diff),
+            "eval/heldout_loss_se": standard_error(lora), "eval/heldout_loss_base_se": standard_error(base)}
 
 
 # --------------------------------------------------------------------------- generation
@@ -279,9 +300,13 @@ def clip_scores(clip: Clip, jobs: list[tuple[str, int]], base: list[Image.Image]
         if ref_emb is not None:
             per_image[f"clip_style{suffix}"] = style_score(emb, ref_emb).tolist()
     metrics = {f"eval/{k}": sum(v) / len(v) for k, v in per_image.items()}
+    metrics.update({f"eval/{k}_se": standard_error(v) for k, v in per_image.items()})
     for score in ("clip_style", "clip_text"):
         if (value := lift(metrics, f"eval/{score}")) is not None:
             metrics[f"eval/{score}_lift"] = value
+            # Paired: each LoRA image against the base image from the same prompt and noise.
+            metrics[f"eval/{score}_lift_se"] = standard_error(
+                [a - b for a, b in zip(per_image[score], per_image[f"{score}_base"])])
     return metrics, per_image
 
 
@@ -338,12 +363,16 @@ def evaluate(components, lora_file: Path, data: LoadedData, cfg: Config, device:
     resolution = ev.resolution or cfg.data.resolution
     pipe = inference_pipeline(components, cfg, device)
     base_images = generate(pipe, jobs, ev, resolution, bar.update)
-    load_lora(pipe, lora_file, fuse=ev.fuse_lora)
+    with no_transformers_bars():  # its "Loading weights" bar would break the evaluation's bar
+        load_lora(pipe, lora_file, fuse=ev.fuse_lora)
     lora_images = generate(pipe, jobs, ev, resolution, bar.update)
 
     clip = load_clip(ev, device)
     clip_metrics, per_image = clip_scores(clip, jobs, base_images, lora_images, [ex.image for ex in reference])
     metrics.update(clip_metrics)
+    # 1: the CLIP scores above come from random weights (eval=tiny): a smoke test. A metric as
+    # well as the tag, so the headline metrics (computed from metrics alone) leave them out.
+    metrics[CLIP_RANDOM_METRIC] = float(ev.clip_model == "tiny")
     bar.update()
     bar.close()
 
@@ -351,10 +380,14 @@ def evaluate(components, lora_file: Path, data: LoadedData, cfg: Config, device:
         "metrics": metrics,
         "clip_model": ev.clip_model,
         "clip_pretrained": ev.clip_pretrained,
+        "clip_scorer": clip_scorer(ev),
+        # Per (image, timestep) pair, image-major: lets the report pair two variants sample by sample.
+        "heldout_losses": ({"lora": lora_losses.tolist(), "base": base_losses.tolist()} if data.heldout else None),
         "images": [{"index": i, "prompt": p, "seed": s, **{k: v[i] for k, v in per_image.items()}}
                    for i, (p, s) in enumerate(jobs)],
     }
     write_artifacts(out_dir, tracker, jobs, base_images, lora_images, scores)
+    tracker.set_tags({"clip_scorer": clip_scorer(ev)})
     tracker.log_metrics(metrics)
     log.info("eval: %s", ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     return metrics

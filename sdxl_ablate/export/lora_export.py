@@ -65,6 +65,30 @@ DORA_NOTE = (
 # kohya's and Stability AI's model-spec names for SDXL (sd-scripts' sai_model_spec).
 _SS_BASE_MODEL_VERSION = "sdxl_base_v1-0"
 _MODELSPEC_ARCHITECTURE = "stable-diffusion-xl-v1-base/lora"
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """What a LoRA was trained on, as its metadata says it: the version and architecture the
+    tools read (A1111/Forge list a LoRA for SDXL checkpoints only when the version says SDXL) and
+    the name shown in its title."""
+
+    version: str
+    architecture: str
+    name: str
+
+
+def base_model(kind: str, pretrained: Optional[str] = None) -> BaseModel:
+    """The base of a run with `model.kind` (and `model.pretrained`): only a pretrained SDXL claims
+    to be SDXL base 1.0; the test model and random weights say what they are, so no tool offers
+    their LoRA for a real SDXL checkpoint."""
+    if kind == "pretrained":
+        return BaseModel(_SS_BASE_MODEL_VERSION, _MODELSPEC_ARCHITECTURE, pretrained or "unknown pretrained SDXL")
+    if kind == "tiny":
+        return BaseModel("sdxl_ablate_tiny", "sdxl-ablate-tiny/lora", "tiny test model, random weights")
+    if kind == "sdxl_random":
+        return BaseModel("sdxl_ablate_random", _MODELSPEC_ARCHITECTURE, "SDXL architecture, random weights")
+    raise ExportError(f"model.kind={kind!r}: expected one of pretrained, tiny, sdxl_random")
 _MODELSPEC_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
 
 
@@ -152,12 +176,13 @@ def _number(value: float) -> str:
 
 def kohya_metadata(
     modules: list[KohyaModule], title: str, use_dora: bool, resolution: Optional[int] = None,
-    source: str = "",
+    source: str = "", base: Optional[BaseModel] = None,
 ) -> dict[str, str]:
     """The `ss_*` (kohya) and `modelspec.*` (Stability AI model spec) metadata the tools display.
 
     A1111/Forge decide SD1 vs SDXL from `ss_base_model_version`; without it an SDXL LoRA is
-    hidden for SDXL checkpoints."""
+    hidden for SDXL checkpoints. `base`: what the run trained on (its title names it); None for a
+    bare file, taken to be an SDXL base LoRA."""
     # kohya's network_dim/alpha cover linear and 1x1 conv layers; 3x3 convs have their own
     # conv_dim/conv_alpha in the network args.
     linear = [m for m in modules if m.kernel == 1] or modules
@@ -169,24 +194,27 @@ def kohya_metadata(
     if use_dora:
         # LyCORIS's names for a DoRA LoRA with output-axis decomposition.
         args.update({"algo": "lora", "dora_wd": "True", "wd_on_out": "True"})
-    description = f"SDXL LoRA trained with sdxl-ablate{f' ({source})' if source else ''}."
+    on = f" on {base.name}" if base is not None else ""
+    description = f"SDXL LoRA trained with sdxl-ablate{on}{f' ({source})' if source else ''}."
     if use_dora:
         description += " " + DORA_NOTE
     meta = {
         "ss_network_module": "lycoris.kohya" if use_dora else "networks.lora",
         "ss_network_dim": str(_most_common([m.rank for m in linear])),
         "ss_network_alpha": _number(_most_common([m.alpha for m in linear])),
-        "ss_base_model_version": _SS_BASE_MODEL_VERSION,
+        "ss_base_model_version": base.version if base else _SS_BASE_MODEL_VERSION,
         "ss_v2": "False",
         "ss_output_name": title,
         "ss_network_train_unet_only": str(all(m.component == "unet" for m in modules)),
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": _MODELSPEC_ARCHITECTURE,
+        "modelspec.architecture": base.architecture if base else _MODELSPEC_ARCHITECTURE,
         "modelspec.implementation": _MODELSPEC_IMPLEMENTATION,
-        "modelspec.title": title,
+        "modelspec.title": f"{title} ({base.name})" if base else title,
         "modelspec.description": description,
         "modelspec.date": datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
     }
+    if base is not None:
+        meta["ss_sd_model_name"] = base.name
     if args:
         meta["ss_network_args"] = json.dumps(args)
     if resolution:
@@ -196,7 +224,8 @@ def kohya_metadata(
 
 
 def write_kohya(lora_file: str | Path, out: str | Path, title: str, dtype: torch.dtype = torch.float16,
-                resolution: Optional[int] = None, source: str = "", unet_config: Optional[dict] = None) -> Path:
+                resolution: Optional[int] = None, source: str = "", unet_config: Optional[dict] = None,
+                base: Optional[BaseModel] = None) -> Path:
     """The kohya file of a diffusers LoRA file saved by this project (`unet_config`: the UNet it
     was trained on, default SDXL base)."""
     state, configs = saved_state(lora_file), saved_configs(lora_file)
@@ -204,7 +233,7 @@ def write_kohya(lora_file: str | Path, out: str | Path, title: str, dtype: torch
     use_dora = any(k.endswith(".dora_scale") for k in tensors)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out), metadata=kohya_metadata(modules, title, use_dora, resolution, source))
+    save_file(tensors, str(out), metadata=kohya_metadata(modules, title, use_dora, resolution, source, base))
     return out
 
 
@@ -229,11 +258,14 @@ def kohya_filename(run_name: str) -> str:
     return f"{safe}_kohya.safetensors"
 
 
-def log_kohya(tracker, lora_file: Path, run_name: str, unet_config: dict, resolution: Optional[int] = None) -> Path:
+def log_kohya(tracker, lora_file: Path, run_name: str, unet_config: dict, resolution: Optional[int] = None,
+              base: Optional[BaseModel] = None) -> Path:
     """Writes the kohya file (fp16) beside the run's diffusers file and logs it as
-    `lora/<name>_kohya.safetensors`; `unet_config`: the config of the UNet that was trained."""
+    `lora/<name>_kohya.safetensors`; `unet_config`: the config of the UNet that was trained,
+    `base`: what it was (`base_model`)."""
     out = write_kohya(lora_file, Path(lora_file).parent / kohya_filename(run_name), title=run_name,
-                      resolution=resolution, source=f"MLflow run {tracker.run_id}", unet_config=dict(unet_config))
+                      resolution=resolution, source=f"MLflow run {tracker.run_id}", unet_config=dict(unet_config),
+                      base=base)
     tracker.log_artifact(out, "lora")
     return out
 
@@ -250,6 +282,7 @@ class _Source:
     resolution: Optional[int]
     description: str
     unet_config: Optional[dict] = None  # None: SDXL base
+    base: Optional[BaseModel] = None  # None: a bare file, taken to be an SDXL base LoRA
 
 
 def _from_run(run_id: str, tracking_uri: str, workdir: Path) -> _Source:
@@ -278,8 +311,9 @@ def _from_run(run_id: str, tracking_uri: str, workdir: Path) -> _Source:
         from sdxl_ablate.model.sdxl import build_unet
 
         unet_config = dict(build_unet("tiny", "meta").config)
+    kind = run.data.params.get("model.kind", "pretrained")
     return _Source(path, run.info.run_name or run_id, int(res) if res and res.isdigit() else None,
-                   f"MLflow run {run_id}", unet_config)
+                   f"MLflow run {run_id}", unet_config, base_model(kind, run.data.params.get("model.pretrained")))
 
 
 def _resolve(source: str, tracking_uri: str, workdir: Path) -> _Source:
@@ -318,7 +352,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             dtype = dtype_of(args.dtype)
             if args.format == "kohya":
                 write_kohya(src.lora_file, out, args.title or src.title, dtype, src.resolution, src.description,
-                            src.unet_config)
+                            src.unet_config, src.base)
             else:
                 write_diffusers(src.lora_file, out, dtype)
             dora = any(c.get("use_dora") for c in saved_configs(src.lora_file).values())

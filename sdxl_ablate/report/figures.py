@@ -12,8 +12,9 @@ from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
 from sdxl_ablate.evaluate.grid import render_grid
-from sdxl_ablate.report.analysis import MEMORY_KINDS, Analysis
-from sdxl_ablate.report.tables import fmt
+from sdxl_ablate.evaluate.headline import RANDOM_CLIP_LABEL
+from sdxl_ablate.report.analysis import MEMORY_KINDS, Analysis, random_clip
+from sdxl_ablate.report.tables import fmt, legacy_weighted
 
 
 # --------------------------------------------------------------------------- plots (pure)
@@ -26,36 +27,74 @@ def _colours(n: int) -> list:
     return [cmap(i % cmap.N) for i in range(n)]
 
 
-def plot_score_vs_memory(a: Analysis, path: Path) -> None:
-    """Score against peak memory, one point per variant with error bars across seeds, the
-    Pareto front as a step line, the base model's score as a dashed line."""
+def plot_score_vs_memory(a: Analysis, path: Path) -> Figure:
+    """Score against peak memory, one point per variant with its noise as error bars (±1 SE of
+    the score: across seeds or the evaluation's own; ±1 std of memory across seeds, at least half
+    the memory noise floor), the Pareto front as a step line when memory differs beyond that floor,
+    the base model's score as a dashed line. No axis spans less than its noise: a difference in
+    the 4th decimal is not stretched to fill the plot."""
     fig = Figure(figsize=(8, 5.5), layout="constrained")
     ax = fig.subplots()
-    shown = [v for v in a.variants if v.stat(a.score.metric) and v.stat("peak_memory_gib")]
+    shown = [v for v in a.variants if v.ok and v.stat(a.score.metric) and v.stat("peak_memory_gib")]
+    floor = a.memory_floor_gib
+    ys, xs, yerrs = [], [], []
     for v, colour in zip(shown, _colours(len(shown))):
         s, m = v.stat(a.score.metric), v.stat("peak_memory_gib")
-        ax.errorbar(m.mean, s.mean, xerr=m.std or 0, yerr=s.std or 0, fmt="o", color=colour, capsize=4,
+        se = v.se(a.score)
+        xerr = max(m.std or 0.0, floor / 2)
+        ax.errorbar(m.mean, s.mean, xerr=xerr, yerr=se or 0, fmt="o", color=colour, capsize=4,
                     markersize=8 if v.name in a.pareto else 6, label=f"{v.name} (n={s.n})")
         ax.annotate(v.name, (m.mean, s.mean), textcoords="offset points", xytext=(6, 6), fontsize=8)
+        xs.append(m.mean), ys.append(s.mean), yerrs.append(se or 0.0)
     front = [(v.stat("peak_memory_gib").mean, v.stat(a.score.metric).mean) for v in shown if v.name in a.pareto]
     if len(front) > 1:
-        xs, ys = zip(*sorted(front))
-        ax.step(xs, ys, where="post", color="black", linewidth=1, alpha=0.6, label="Pareto front")
+        fx, fy = zip(*sorted(front))
+        ax.step(fx, fy, where="post", color="black", linewidth=1, alpha=0.6, label="Pareto front")
     elif front:
         ax.scatter(*zip(*front), s=200, facecolors="none", edgecolors="black", label="Pareto front")
     base = a.base.get(a.score.base_metric) if a.score.base_metric else None
     if base is not None:
         ax.axhline(base.mean, linestyle="--", color="grey", label=f"base model ({fmt(base.mean)})")
-    if not shown:
+        ys.append(base.mean)
+    if shown:
+        # The smallest span an axis may have: 4 SE of the score (the ±2 SE that decide "best"),
+        # and 4 noise floors of memory; centred on the data when the data span less.
+        noise = max(yerrs) if any(yerrs) else 0.0
+        _min_span(ax.set_ylim, ys, yerrs, 4 * noise)
+        _min_span(ax.set_xlim, xs, [max(floor / 2, v.stat("peak_memory_gib").std or 0) for v in shown], 4 * floor)
+    else:
         ax.text(0.5, 0.5, "no variant has both a score and a peak memory", ha="center", transform=ax.transAxes)
     kinds = sorted({v.memory_kind for v in shown})
-    ax.set_xlabel("peak memory, GiB (" + ", ".join(MEMORY_KINDS.get(k, k) for k in kinds) + ")")
-    ax.set_ylabel(f"{a.score.label} ({'higher' if a.score.higher_is_better else 'lower'} is better)")
-    ax.set_title(f"{a.score.label} vs peak memory (error bars: ±1 std across seeds)")
+    ax.set_xlabel("peak memory, GiB (" + ", ".join(MEMORY_KINDS.get(k, k) for k in kinds)
+                  + f"; differences under {floor * 1024:.0f} MiB are noise)")
+    ax.set_ylabel(f"{a.score.title} ({'higher' if a.score.higher_is_better else 'lower'} is better)")
+    seeds = a.seeds_per_variant
+    bars = ("±1 SE across seeds or of the evaluation" if seeds and min(seeds) > 1 else
+            "±1 SE of the evaluation (one seed: training noise not measured)")
+
+    if not any(yerrs):
+        bars = "no noise estimate for this score"
+    title = (f"{a.score.title} vs peak memory\nerror bars: {bars}\nmemory: ±1 std across seeds, at least half the "
+             "noise floor" + ("; a tie: no Pareto front" if a.memory_tied else ""))
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     if shown:
         ax.legend(fontsize=8, loc="best")
     fig.savefig(path, dpi=120)
+    return fig
+
+
+def _min_span(set_lim, values: list[float], errors: list[float], span: float) -> None:
+    """Sets an axis to cover the values with their error bars, and at least `span` wide."""
+    lo = min(v - e for v, e in zip(values, errors + [0.0] * len(values)))
+    hi = max(v + e for v, e in zip(values, errors + [0.0] * len(values)))
+    pad = 0.08 * (hi - lo)
+    lo, hi = lo - pad, hi + pad
+    if hi - lo < span:
+        mid = (hi + lo) / 2
+        lo, hi = mid - span / 2, mid + span / 2
+    if hi > lo:
+        set_lim(lo, hi)
 
 
 def smooth(values: list[float], window: int) -> list[float]:
@@ -82,13 +121,14 @@ def plot_loss_curves(a: Analysis, path: Path) -> None:
         steps = sorted(set.intersection(*(set(c) for c in per_seed)))
         smoothed = [smooth([c[s] for s in steps], window) for c in per_seed]
         mean = [statistics.fmean(vals) for vals in zip(*smoothed)]
-        ax.plot(steps, mean, color=colour, linewidth=1.6, label=f"{v.name} (n={len(per_seed)})")
+        legacy = " [min-SNR weighted: not comparable]" if legacy_weighted(v) else ""
+        ax.plot(steps, mean, color=colour, linewidth=1.6, label=f"{v.name} (n={len(per_seed)}){legacy}")
         if len(per_seed) > 1:
             ax.fill_between(steps, [min(x) for x in zip(*smoothed)], [max(x) for x in zip(*smoothed)],
                             color=colour, alpha=0.2, linewidth=0)
     ax.set_xlabel("optimizer step")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("train/loss")
+    ax.set_ylabel("train/loss (unweighted denoising MSE)")
     ax.set_title(f"training loss, moving average over {window} step{'s' if window > 1 else ''}"
                  "; band: lowest to highest seed")
     ax.grid(alpha=0.3)
@@ -100,13 +140,14 @@ def plot_loss_curves(a: Analysis, path: Path) -> None:
 MIN_TILE = 256
 
 
-def prompt_grid(prompt: str, seeds: list[int], rows: list[tuple[str, list[Image.Image], list[str]]]) -> Image.Image:
+def prompt_grid(prompt: str, seeds: list[int], rows: list[tuple[str, list[Image.Image], list[str]]],
+                scorer_note: str = "") -> Image.Image:
     """One prompt: a column per evaluation seed, a row per model (label, images, captions);
     small tiles are shown enlarged (evaluate/grid.py), and the title says so."""
     w, h = rows[0][1][0].size
     factor = max(1, math.ceil(MIN_TILE / max(w, h)))
     note = "columns: evaluation seed" + (f"; {w}x{h} px images shown {factor}x larger (nearest neighbour)"
-                                         if factor > 1 else "")
+                                         if factor > 1 else "") + scorer_note
     return render_grid([(label, images) for label, images, _ in rows], [f"seed {s}" for s in seeds],
                        captions=[caps for _, _, caps in rows], title=[f'"{prompt}"', note], min_tile=MIN_TILE)
 
@@ -141,5 +182,6 @@ def prompt_grids(a: Analysis) -> list[tuple[str, Image.Image]]:
             rows.append((f"{v.name}\n{seed}", [Image.open(r.images.lora[j["index"]]) for j in mine],
                          [caption(j, "") for j in mine]))
         slug = re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:40]
-        grids.append((f"grid_{n}_{slug}.png", prompt_grid(prompt, seeds, rows)))
+        note = f"; style scores: {RANDOM_CLIP_LABEL}" if random_clip([r for _, r in shown]) else ""
+        grids.append((f"grid_{n}_{slug}.png", prompt_grid(prompt, seeds, rows, note)))
     return grids

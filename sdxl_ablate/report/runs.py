@@ -47,6 +47,10 @@ class RunRecord:
     # Later sweeps that reused this finished run instead of training it again (their parent run's
     # `reused.<run id>` tags): sweep id -> that sweep's start (ms).
     reused_by: dict[str, int] = field(default_factory=dict)
+    # Per-sample values behind a score, from eval/scores.json, so two runs pair sample by sample:
+    # eval/heldout_loss -> per (image, timestep); eval/clip_style, eval/clip_text -> per image.
+    units: dict[str, list[float]] = field(default_factory=dict)
+    run_status: str = ""  # MLflow's own status (RUNNING, FINISHED, FAILED, KILLED)
 
     def sweep_starts(self) -> dict[str, int]:
         """Every sweep this run belongs to, with the time that sweep started."""
@@ -54,8 +58,12 @@ class RunRecord:
 
     @property
     def status(self) -> str:
-        # The runner sets the status tag when a variant ends; without one it is still going.
-        return self.tags.get("status", "running")
+        """The runner's status tag when the variant ended; without one, what MLflow knows: a run
+        ended from outside (KILLED, FAILED) says so, only a RUNNING one is still going."""
+        if "status" in self.tags:
+            return self.tags["status"]
+        return {"KILLED": "killed", "FAILED": "failed", "FINISHED": "ended without status"}.get(
+            self.run_status, "running")
 
     @property
     def kind(self) -> str:
@@ -139,6 +147,62 @@ def date_of(ms: int) -> str:
 # --------------------------------------------------------------------------- MLflow
 
 
+@dataclass(frozen=True)
+class SweepParent:
+    """A sweep's parent run (kind=sweep): when it started, how many jobs it planned, whether it ended."""
+
+    sweep_id: str
+    start_time: int
+    n_jobs: Optional[int]
+    ended: bool  # the sweep recorded its outcome (n_ok) and was not stopped half way
+    killed: bool = False  # the sweep's process was stopped (Ctrl-C, SIGTERM): its parent says so
+
+
+@dataclass(frozen=True)
+class Completeness:
+    done: int  # jobs of the sweep that ended (any status), reused ones included
+    planned: Optional[int]  # None: no parent run says (runs from before sweep parents)
+    ended: bool
+    killed: bool = False
+
+    @property
+    def complete(self) -> bool:
+        return self.planned is None or (self.ended and self.done >= self.planned)
+
+    def line(self, sweep_id: str) -> str:
+        if self.planned is None:
+            return f"Sweep {sweep_id}: {self.done} jobs done (jobs planned: not recorded)."
+        if self.complete:
+            return f"Complete sweep {sweep_id}: {self.done} of {self.planned} jobs done."
+        why = (", the sweep was stopped" if self.killed else
+               "" if self.ended else ", the sweep did not finish (interrupted or still going)")
+        return (f"**Incomplete sweep {sweep_id}: {self.done} of {self.planned} jobs done{why}.** "
+                "Its numbers are partial; the report of a complete sweep is not replaced.")
+
+
+def completeness(runs: list[RunRecord], sweep_id: str, parents: dict[str, SweepParent]) -> Completeness:
+    done = sum(1 for r in runs if r.status != "running" and sweep_id in r.sweep_starts())
+    parent = parents.get(sweep_id)
+    if parent is None:
+        return Completeness(done, None, True)
+    return Completeness(done, parent.n_jobs, parent.ended, parent.killed)
+
+
+def read_study(client, study: str) -> tuple[list[RunRecord], dict[str, SweepParent]]:
+    """read_runs, and the sweeps' parent runs by sweep id."""
+    records = read_runs(client, study, None)
+    experiment = client.get_experiment_by_name(study)
+    parents = {}
+    for run in client.search_runs([experiment.experiment_id], filter_string="tags.kind = 'sweep'", max_results=5000):
+        tags = run.data.tags
+        n_jobs = tags.get("n_jobs")
+        killed = tags.get("status") == "killed" or run.info.status == "KILLED"
+        parents[tags.get("sweep_id", "")] = SweepParent(tags.get("sweep_id", ""), run.info.start_time or 0,
+                                                        int(n_jobs) if n_jobs and n_jobs.isdigit() else None,
+                                                        "n_ok" in tags and not killed, killed)
+    return records, parents
+
+
 def read_runs(client, study: str, image_dir: Optional[Path]) -> list[RunRecord]:
     """Every run of the study's experiment except kind=report and kind=sweep, with loss
     histories; with image_dir, each run's evaluation images are downloaded there."""
@@ -160,7 +224,7 @@ def read_runs(client, study: str, image_dir: Optional[Path]) -> list[RunRecord]:
         records.append(RunRecord(
             name=run.info.run_name or run_id, run_id=run_id, start_time=run.info.start_time or 0,
             tags=tags, metrics=dict(run.data.metrics), params=dict(run.data.params),
-            loss_history=sorted((m.step, m.value) for m in history),
+            loss_history=sorted((m.step, m.value) for m in history), run_status=run.info.status or "",
         ))
     if not records:
         raise ReportError(f"study {study!r} in {client.tracking_uri} has no variant runs yet")
@@ -178,8 +242,21 @@ def download_images(client, record: RunRecord, image_dir: Path) -> None:
     scores = json.loads(Path(client.download_artifacts(record.run_id, "eval/scores.json", str(dst))).read_text())
     folder = Path(client.download_artifacts(record.run_id, "eval/images", str(dst)))
     jobs = scores["images"]
+    record.units = units_of(scores)
     record.images = RunImages(jobs, [folder / f"base_{j['index']}.png" for j in jobs],
                               [folder / f"lora_{j['index']}.png" for j in jobs])
+
+
+def units_of(scores: dict) -> dict[str, list[float]]:
+    """The per-sample values in an eval/scores.json (evaluate/scores.py)."""
+    out = {}
+    if (held := scores.get("heldout_losses")) and held.get("lora"):
+        out["eval/heldout_loss"] = [float(x) for x in held["lora"]]
+    for key in ("clip_style", "clip_text"):
+        values = [job.get(key) for job in scores.get("images", [])]
+        if values and all(isinstance(v, (int, float)) for v in values):
+            out[f"eval/{key}"] = [float(v) for v in values]
+    return out
 
 
 def _all_runs(client, experiment_id: str) -> list:

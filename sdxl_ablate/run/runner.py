@@ -24,7 +24,7 @@ from sdxl_ablate.config import CONF_DIR, Config, to_yaml, used_params
 from sdxl_ablate.config.identity import variant_tags
 from sdxl_ablate.data.datasets import load_data
 from sdxl_ablate.run.devices import acquire_device, gpu_required_by_launcher
-from sdxl_ablate.export.lora_export import log_kohya
+from sdxl_ablate.export.lora_export import base_model, log_kohya
 from sdxl_ablate.model.lora import lora_b_all_zero, save_lora
 from sdxl_ablate.model.basecache import acquire, last_use, release
 from sdxl_ablate.track.journal import JournalingTracker
@@ -240,7 +240,9 @@ def record_training(tracker, result, checkpointer, guard: MemoryGuard, peak: dic
     tracker.log_metrics({
         **peak,
         **guard.headroom(peak, precompute_peak),
-        "train/final_loss": result.final_loss,
+        "train/final_loss": result.final_loss,  # unweighted: comparable across variants
+        # The min-SNR objective that was backpropagated, under its own name (not comparable).
+        **({"train/final_weighted_loss": result.final_objective} if result.objective_losses else {}),
         "train/steps": result.steps,
         "train/nonfinite_steps": result.nonfinite_steps,
         "perf/step_time_s": result.step_time,
@@ -260,7 +262,8 @@ def save_and_evaluate(components, data, cfg: Config, device: torch.device, track
             lora_file = save_lora(components, output_dir / "lora")
         if cfg.tracking.log_weights:
             tracker.log_artifact(lora_file, "lora")
-            log_kohya(tracker, lora_file, run_name, components.unet.config, cfg.data.resolution)
+            log_kohya(tracker, lora_file, run_name, components.unet.config, cfg.data.resolution,
+                      base_model(cfg.model.kind.value, cfg.model.pretrained))
         if cfg.eval.enabled:
             with phases("evaluation"):
                 eval_metrics = evaluate_variant(components, lora_file, data, cfg, device, tracker, output_dir,

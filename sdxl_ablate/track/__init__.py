@@ -16,3 +16,8 @@ MLFLOW_HTTP_DEFAULTS = {
 }
 for _name, _value in MLFLOW_HTTP_DEFAULTS.items():
     os.environ.setdefault(_name, _value)
+
+# Two known library messages that are noise here, filtered by their text (quiet.py).
+from sdxl_ablate.track.quiet import silence_known_noise  # noqa: E402
+
+silence_known_noise()

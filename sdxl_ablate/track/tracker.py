@@ -92,8 +92,18 @@ def artifact_location(uri: str, name: str, artifact_root: str | None) -> str | N
     return (Path.cwd() / "mlartifacts" / name).resolve().as_uri()
 
 
+# MLflow 3's UI opens an experiment in the view its `mlflow.experimentKind` tag names; without it
+# the UI guesses, and may open the GenAI view (traces, the Assistant panel). Our runs are model
+# training: "custom_model_development" is the UI's "Machine learning" kind (its runs table,
+# charts and compare views). The values are the UI's ExperimentKind enum (mlflow/server/js).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
 def get_or_create_experiment(client: MlflowClient, name: str, artifact_root: str | None) -> str:
-    """The experiment's id, created if missing; safe when many jobs start at once.
+    """The experiment's id, created if missing (tagged as model training, EXPERIMENT_KIND); safe
+    when many jobs start at once. An experiment without a kind gets it; one whose kind a person
+    set is left as it is.
 
     On a local sqlite store the lookup and the creation happen under the store's lock. Against
     a server, a job that loses the creation race (RESOURCE_ALREADY_EXISTS) reads the winner's.
@@ -102,9 +112,12 @@ def get_or_create_experiment(client: MlflowClient, name: str, artifact_root: str
     with store_lock(uri):
         exp = client.get_experiment_by_name(name)
         if exp is not None:
+            if EXPERIMENT_KIND_TAG not in exp.tags:
+                client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             return exp.experiment_id
         try:
-            return client.create_experiment(name, artifact_location=artifact_location(uri, name, artifact_root))
+            return client.create_experiment(name, artifact_location=artifact_location(uri, name, artifact_root),
+                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except MlflowException as err:
             if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
                 raise

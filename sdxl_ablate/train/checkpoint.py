@@ -250,7 +250,8 @@ def capture(ts) -> dict[str, Any]:
         "scaler": ts.scaler.state_dict(),
         "rng": rng_state(ts.generator, ts.rng),
         "data_order": ts.order.state_dict(),
-        "result": {"losses": list(r.losses), "nonfinite_steps": r.nonfinite_steps, "step_times": list(r.step_times)},
+        "result": {"losses": list(r.losses), "objective_losses": list(r.objective_losses),
+                   "nonfinite_steps": r.nonfinite_steps, "step_times": list(r.step_times)},
     }
 
 
@@ -275,6 +276,7 @@ def restore(ts, state: dict[str, Any]) -> None:
     ts.step = state["step"]
     ts.nonfinite_in_row = state["nonfinite_in_row"]
     ts.result.losses = list(state["result"]["losses"])
+    ts.result.objective_losses = list(state["result"].get("objective_losses", []))
     ts.result.nonfinite_steps = state["result"]["nonfinite_steps"]
     ts.result.step_times = list(state["result"]["step_times"])
     ts.result.steps = len(ts.result.losses)

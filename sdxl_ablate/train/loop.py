@@ -20,6 +20,7 @@ from typing import Callable, ContextManager
 
 import torch
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from sdxl_ablate.config import Config
 from sdxl_ablate.data.datasets import LoadedData
@@ -39,7 +40,9 @@ class TrainResult:
     status: str  # ok | nan (`judge`)
     error: str = ""  # why the status is not ok
     steps: int = 0
-    losses: list[float] = field(default_factory=list)  # per optimizer step; nan where skipped
+    losses: list[float] = field(default_factory=list)  # unweighted, per optimizer step; nan where skipped
+    # The backpropagated objective per step where it differs from `losses` (min-SNR weighting).
+    objective_losses: list[float] = field(default_factory=list)
     nonfinite_steps: int = 0
     step_times: list[float] = field(default_factory=list)
     images_per_step: int = 1
@@ -50,6 +53,12 @@ class TrainResult:
     def final_loss(self) -> float:
         """Mean of the last (up to) 10 finite step losses: less noisy than the last step."""
         finite = [x for x in self.losses if math.isfinite(x)][-10:]
+        return sum(finite) / len(finite) if finite else float("nan")
+
+    @property
+    def final_objective(self) -> float:
+        """`final_loss` of the weighted objective (nan when the objective is unweighted)."""
+        finite = [x for x in self.objective_losses if math.isfinite(x)][-10:]
         return sum(finite) / len(finite) if finite else float("nan")
 
     @property
@@ -172,6 +181,7 @@ class TrainState:
     result: TrainResult
     timer: StepTimer
     step: int = 0  # optimizer steps done (counting skipped non-finite ones)
+    weighted: bool = False  # the objective is min-SNR weighted: it is kept and logged apart
     nonfinite_in_row: int = 0
 
 
@@ -179,11 +189,11 @@ class TrainState:
 
 def micro_batches(s: Setup, inputs: MicroBatches, state: TrainState, cfg: Config, replay: bool) -> torch.Tensor:
     """Forward and backward of the step's micro-batches (replayed as a CUDA graph when `replay`);
-    returns the step's loss on the device, not yet read: float64, so that it adds up exactly as
-    the Python floats of `loss.item()` would."""
+    returns the step's [objective, unweighted] losses on the device, not yet read: float64, so
+    that they add up exactly as the Python floats of `loss.item()` would."""
     t = cfg.trainer
     n_timesteps = inputs.c.noise_scheduler.config.num_train_timesteps
-    step_loss = torch.zeros((), dtype=torch.float64, device=inputs.device)
+    step_loss = torch.zeros(2, dtype=torch.float64, device=inputs.device)
     for micro in range(t.grad_accum):
         latents, embeds, pooled, time_ids = inputs(next(state.order))
         noise, timesteps = draw_noise(latents, n_timesteps, t.noise_offset, state.generator)
@@ -217,6 +227,8 @@ def skip(state: TrainState, step: int, max_in_row: int) -> bool:
     state.result.nonfinite_steps += 1
     state.nonfinite_in_row += 1
     state.result.losses.append(float("nan"))
+    if state.weighted:
+        state.result.objective_losses.append(float("nan"))
     log.warning("step %d: non-finite loss, step skipped (%d in a row)", step, state.nonfinite_in_row)
     return state.nonfinite_in_row >= max_in_row
 
@@ -254,7 +266,8 @@ def train(components, data: LoadedData, cfg: Config, device: torch.device,
                          timings={"prepare_s": s.prepare_s, "inputs_s": time.perf_counter() - began})
     named = {f"{comp}.{n}": p for comp, m in lora_modules(c).items() for n, p in m.named_parameters() if p.requires_grad}
     state = TrainState(named, s.optimizer, s.lr_schedule, s.scaler, generator, rng,
-                       batches(len(data.train), t.batch_size, rng), result, StepTimer(device, t.sync_every_step, result))
+                       batches(len(data.train), t.batch_size, rng), result, StepTimer(device, t.sync_every_step, result),
+                       weighted=t.snr_gamma is not None)
     # A resumed run continues exactly where the checkpoint left off (weights, optimizer, every RNG).
     start = checkpointer.restore(state, len(data.train)) if checkpointer is not None else 0
     hooks.loop_start()
@@ -262,13 +275,15 @@ def train(components, data: LoadedData, cfg: Config, device: torch.device,
                unit="step", dynamic_ncols=True)
     # A graph is captured off the default stream, and the warm-up steps whose backward made the
     # gradient accumulators must have run there too: with graphs the loop runs on a side stream.
-    with side_stream(device) if s.graphed is not None else contextlib.nullcontext():
+    # Log lines (a checkpoint written, a step skipped) go through tqdm, above the bar, not into it.
+    with side_stream(device) if s.graphed is not None else contextlib.nullcontext(), logging_redirect_tqdm():
         for step in bar:
             with hooks.step(step):
                 began = state.timer.start()
                 replay = s.graphed is not None and step >= start + GRAPH_WARMUP_STEPS
-                step_loss = micro_batches(s, inputs, state, cfg, replay).item()  # the step's one wait
-                finite = math.isfinite(step_loss)
+                # The step's one wait; the objective decides the update, `train/loss` is the unweighted mean.
+                objective_loss, step_loss = micro_batches(s, inputs, state, cfg, replay).tolist()
+                finite = math.isfinite(objective_loss) and math.isfinite(step_loss)
                 if finite:
                     optimizer_step(s, cfg)
                 # Also after a skipped step: no update from a batch whose loss is NaN or inf.
@@ -282,9 +297,12 @@ def train(components, data: LoadedData, cfg: Config, device: torch.device,
             else:
                 state.nonfinite_in_row = 0
                 result.losses.append(step_loss)
+                weighted = {"train/weighted_loss": objective_loss} if state.weighted else {}
+                if state.weighted:
+                    result.objective_losses.append(objective_loss)
                 result.steps = step + 1
                 if step % t.log_every == 0 or step == steps - 1:
-                    log_metrics({"train/loss": step_loss, "train/lr": s.lr_schedule.get_last_lr()[0],
+                    log_metrics({"train/loss": step_loss, **weighted, "train/lr": s.lr_schedule.get_last_lr()[0],
                                  **memory_stats()}, step)
                     bar.set_postfix(loss=f"{step_loss:.4f}")
                 hooks.after_step(result.steps)  # e.g. sample images (samples.py); leaves training untouched

@@ -63,28 +63,47 @@ def per_sample_loss(unet, scheduler, latents, noise, steps, embeds, pooled, time
     return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
 
 
+def objective_weights(scheduler, steps: torch.Tensor, snr_gamma: float | None) -> torch.Tensor | None:
+    """Min-SNR-gamma's per-sample weights (Hang et al. 2023: down-weight the easy, low-noise
+    timesteps), or None for the plain mean."""
+    if snr_gamma is None:
+        return None
+    snr = compute_snr(scheduler, steps)
+    prediction = scheduler.config.prediction_type
+    return torch.clamp(snr, max=snr_gamma) / (snr + 1 if prediction == "v_prediction" else snr)
+
+
 def denoising_loss(unet, scheduler, latents, noise, steps, embeds, pooled, time_ids, cfg: Config) -> torch.Tensor:
     """The training objective: the per-sample loss, averaged, or weighted by min-SNR-gamma."""
     t = cfg.trainer
     per_sample = per_sample_loss(unet, scheduler, latents, noise, steps, embeds, pooled, time_ids, t.channels_last)
-    if t.snr_gamma is None:
-        return per_sample.mean()
-    # Min-SNR-gamma (Hang et al. 2023): down-weight the easy, low-noise timesteps.
-    snr = compute_snr(scheduler, steps)
-    prediction = scheduler.config.prediction_type
-    weight = torch.clamp(snr, max=t.snr_gamma) / (snr + 1 if prediction == "v_prediction" else snr)
-    return (per_sample * weight).mean()
+    weight = objective_weights(scheduler, steps, t.snr_gamma)
+    return per_sample.mean() if weight is None else (per_sample * weight).mean()
+
+
+def denoising_losses(unet, scheduler, latents, noise, steps, embeds, pooled, time_ids,
+                     cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the objective that is backpropagated, the unweighted mean of the same samples). Every
+    variant reports the unweighted one as `train/loss`, so min-SNR runs compare with the rest;
+    with no weighting the two are one tensor."""
+    t = cfg.trainer
+    per_sample = per_sample_loss(unet, scheduler, latents, noise, steps, embeds, pooled, time_ids, t.channels_last)
+    plain = per_sample.mean()
+    weight = objective_weights(scheduler, steps, t.snr_gamma)
+    return (plain if weight is None else (per_sample * weight).mean()), plain
 
 
 def forward_backward_of(c, cfg: Config, scaler: torch.amp.GradScaler, device: torch.device) -> Callable[..., torch.Tensor]:
     """One micro-batch's forward and backward for drawn noise and timesteps, returning the
-    (unscaled) loss: the loop calls it directly, or replays its CUDA graph (graphs.GraphedStep)."""
+    (unscaled) losses [objective, unweighted]: the loop calls it directly, or replays its CUDA graph (graphs.GraphedStep)."""
     grad_accum = cfg.trainer.grad_accum
 
     def forward_backward(latents, noise, timesteps, embeds, pooled, time_ids) -> torch.Tensor:
         with autocast(cfg, device):  # the forward only: autocast would recast the backward's ops too
-            loss = denoising_loss(c.unet, c.noise_scheduler, latents, noise, timesteps, embeds, pooled, time_ids, cfg)
+            loss, plain = denoising_losses(c.unet, c.noise_scheduler, latents, noise, timesteps, embeds, pooled,
+                                           time_ids, cfg)
         scaler.scale(loss / grad_accum).backward()
-        return loss.detach()
+        # [objective, unweighted]: one tensor, so a CUDA graph holds both and the step reads both at once.
+        return torch.stack([loss.detach(), plain.detach()])
 
     return forward_backward

@@ -3,12 +3,15 @@
     python -m tests.e2e.ui_check --study NAME [--tracking-uri URI] [--out DIR] [--chromium PATH]
 
 1. Reads the study's latest sweep from the store (as the report does) and checks that every
-   finished variant has its headline metrics (`ablation/*`, see sdxl_ablate/evaluate/headline.py).
+   finished variant has its headline metrics (`ablation/*`, see sdxl_ablate/evaluate/headline.py)
+   and that no run of it is still RUNNING (no status recorded).
 2. Starts `mlflow ui` on 127.0.0.1 on a free port over the same store and asks its REST API
-   for the same runs and metrics: what the UI will show.
+   for the same runs and metrics: what the UI will show. The experiment must hold the report's
+   view of the latest sweep (`mlflow.sharedViewState.ablation`, written by the report).
 3. Opens Debian's chromium headless (install: `apt-get update && apt-get install -y chromium`)
    and does what the README's clicks say, writing a screenshot of each into DIR (default
-   reports/<study>/ui/): `runs_table` (the sweep's variants, headline columns added through the
+   reports/<study>/ui/): `first_screen` (the report's view, no click: the sweep's variants with
+   their headline columns), `runs_table` (the sweep's variants, headline columns added through the
    sort menu), `chart_view` (it must open on the `ablation/*` section), `loss_overlay` (the
    chart search set to train/loss), `compare_runs` (the compare view's scatter plot of
    ablation/peak_memory_gib against the score), and `image_slider` (the `samples/*` images of
@@ -173,6 +176,7 @@ class Expected:
     image_keys: int = 0  # `samples/*` keys of the first finished run (0: no samples logged)
     reused: bool = False  # the sweep reused runs an earlier sweep finished (their sweep_id differs)
     last_step: int = 0  # its last training step (the image slider's end)
+    view_columns: list[str] = field(default_factory=list)  # the report's shared view: its metric columns
 
 
 def _image_keys(client, run_id: str) -> int:
@@ -190,6 +194,7 @@ def expected_runs(uri: str, study: str) -> tuple[Expected, list[str]]:
     from mlflow.tracking import MlflowClient
 
     from sdxl_ablate.report.runs import ReportError, read_runs, select_runs
+    from sdxl_ablate.report.study import LATEST_VIEW, VIEW_TAG
 
     client = MlflowClient(uri)
     try:
@@ -198,18 +203,34 @@ def expected_runs(uri: str, study: str) -> tuple[Expected, list[str]]:
         raise UiCheckError(str(e)) from e
     problems = []
     for r in runs:
+        if r.status == "running":  # no end recorded: still going, or its process died unseen
+            problems.append(f"run {r.name} ({r.run_id}) is RUNNING (no status recorded): the sweep is not "
+                            "finished, or the run was cut off; its numbers are not final")
+            continue
         if r.status != "ok":
             continue
-        needed = HEADLINE + (EVALUATED if "eval/heldout_loss" in r.metrics else ())
+        # A random CLIP (eval=tiny) has no CLIP headline: its scores are a smoke test.
+        evaluated = tuple(m for m in EVALUATED if not (m.startswith("ablation/clip_")
+                                                        and r.metrics.get("eval/clip_random") == 1.0))
+        needed = HEADLINE + (evaluated if "eval/heldout_loss" in r.metrics else ())
         missing = [m for m in needed if m not in r.metrics]
         if missing:
             problems.append(f"run {r.name} ({r.run_id}) lacks {', '.join(missing)}")
     ok = [r for r in runs if r.status == "ok"]
     if not ok:
         problems.append(f"no finished variant run in sweep {', '.join(sweep_ids)}")
-    exp = client.get_experiment_by_name(study).experiment_id
+    experiment = client.get_experiment_by_name(study)
+    exp = experiment.experiment_id
+    # The first screen: the report's shared view of the latest sweep (report/study.py, LATEST_VIEW).
+    view = experiment.tags.get(VIEW_TAG + LATEST_VIEW)
+    if view is None:
+        problems.append(f"the experiment has no report view ({VIEW_TAG}{LATEST_VIEW}): run "
+                        f"`python -m sdxl_ablate.report --study {study}` first")
     expected = Expected(study, exp, sweep_ids, {r.run_id: r.name for r in runs}, [r.run_id for r in ok])
     expected.reused = any(r.tags.get("sweep_id") not in sweep_ids for r in runs)
+    if view is not None:
+        expected.view_columns = [c.removeprefix("metrics.`").removesuffix("`")
+                                 for c in json.loads(view).get("selectedColumns", []) if c.startswith("metrics.")]
     # The score of the score-vs-memory plot: the best one every finished run has.
     expected.score = next((m for m in ("ablation/clip_style_lift", "ablation/heldout_loss_drop")
                            if ok and all(m in r.metrics for r in ok)), "ablation/final_loss")
@@ -292,8 +313,10 @@ def pages(port: int, expected: Expected) -> dict[str, Page]:
         flt = "attributes.run_id IN (" + ", ".join(f"'{i}'" for i in expected.runs) + ")"
     elif expected.sweep_ids != ["legacy"]:
         flt = f"tags.kind = 'variant' and tags.sweep_id = '{expected.sweep_ids[0]}'"
+    # workflowType: the side bar in its model-training mode (the UI's default is GenAI).
     query = urllib.parse.urlencode({"searchFilter": flt, "orderByKey": "metrics.`ablation/peak_memory_gib`",
-                                    "orderByAsc": "true"}, quote_via=urllib.parse.quote)
+                                    "orderByAsc": "true", "workflowType": "machine_learning"},
+                                   quote_via=urllib.parse.quote)
     ids = json.dumps(expected.ok or list(expected.runs))
     compare = urllib.parse.urlencode({"runs": ids, "experiments": json.dumps([expected.experiment_id])},
                                      quote_via=urllib.parse.quote)
@@ -301,6 +324,10 @@ def pages(port: int, expected: Expected) -> dict[str, Page]:
     ok_names = [expected.runs[i] for i in expected.ok]
     charts = f"{base}/runs?{query}&compareRunsMode=CHART"
     out = {
+        # What `make mlflow-ui` and the report's link open on: the variants with their headline
+        # columns, no click (the parents that fold the variants in the plain table are not shown).
+        "first_screen": Page(f"{base}/runs?viewStateShareKey=ablation&workflowType=machine_learning", names,
+                             expect=[*names, *expected.view_columns]),
         "runs_table": Page(f"{base}/runs?{query}", names,
                            [step for m in ("ablation/peak_memory_gib", "ablation/images_per_s",
                                            "ablation/heldout_loss_drop", expected.score) for step in _sort_by(m)]
@@ -480,6 +507,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         binary = find_chromium(args.chromium)
         expected, problems = expected_runs(uri, args.study)
+        if problems:  # the store already says the UI cannot show the answer: no browser needed
+            print("ui-check FAILED:\n  - " + "\n  - ".join(problems), file=sys.stderr)
+            return 1
         port = free_port()
         server = start_server(uri, port, out / "mlflow-ui.log")
         problems += api_problems(expected, api_runs(port, expected.experiment_id))
