@@ -126,6 +126,6 @@ def test_batches_cover_every_image_once_per_epoch():
 
 
 def test_epochs_set_the_number_of_steps():
-    cfg = Config(trainer=TrainerConfig(epochs=3, batch_size=2, grad_accum=2, max_steps=999))
+    cfg = Config(trainer=TrainerConfig(epochs=3, batch_size=2, grad_accum=2, max_steps=None))
     assert total_steps(cfg, 10) == 3 * 3  # ceil(10 / 4) steps per epoch
     assert total_steps(Config(trainer=TrainerConfig(max_steps=7)), 10) == 7
