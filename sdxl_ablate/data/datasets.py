@@ -28,6 +28,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from sdxl_ablate.config import Crop, DataConfig, DataSource, cache_root
+from sdxl_ablate.track.quiet import no_datasets_bars
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +271,8 @@ def _load_folder(path: Path, split: str, skipped: list[str]) -> datasets.Dataset
     if split == "train" and (path / "metadata.jsonl").is_file():
         return _read_jsonl_folder(path, skipped)
     try:
-        return datasets.load_dataset("imagefolder", data_dir=str(path), split=split)
+        with no_datasets_bars():  # a local folder: nothing is downloaded, whatever the bar says
+            return datasets.load_dataset("imagefolder", data_dir=str(path), split=split)
     except (FileNotFoundError, ValueError, DatasetsError) as e:
         raise DataError(f"data.path={str(path)!r} (split {split!r}): {type(e).__name__}: {e}") from e
 
@@ -406,7 +408,7 @@ def load_data(cfg: DataConfig) -> LoadedData:
             f"{source}: no training images left: {len(ds)} rows, {len(skipped)} unreadable, "
             f"{len(heldout)} held out (data.heldout={cfg.heldout}); lower data.heldout or add images"
         )
-    log.info("%s: %d train, %d held out, %d skipped", source, len(train), len(heldout), len(skipped))
+    log.debug("%s: %d train, %d held out, %d skipped", source, len(train), len(heldout), len(skipped))
     return LoadedData(train=train, heldout=heldout, skipped=skipped, source=source)
 
 

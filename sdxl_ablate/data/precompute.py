@@ -176,7 +176,7 @@ def build_cache(cfg: Config, components, examples: list[Example], with_prompts: 
             tmp = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
             save_cache(cache, tmp)
             tmp.replace(path)
-            log.info("latent cache written: %s (%d images)", path, len(cache.items))
+            log.debug("latent cache written: %s (%d images)", path, len(cache.items))
     _MEMORY[key] = cache
     return cache
 
@@ -191,7 +191,7 @@ def _load_checked(path: Path, cfg: Config, examples: list[Example], with_prompts
     except Exception as e:  # safetensors, json and a missing key each raise their own type
         problem = f"unreadable: {type(e).__name__}: {e}"
     if problem is None:
-        log.info("latent cache hit: %s", path)
+        log.debug("latent cache hit: %s", path)
         return cache
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     aside = path.with_name(f"{path.name}.bad-{stamp}")

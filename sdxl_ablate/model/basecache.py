@@ -130,10 +130,10 @@ def acquire(cfg: Config, device: torch.device | str) -> SDXLComponents:
     if entry is not None:
         stats.reuses += 1
         stats.last_event = "reused"
-        log.info("base model reused (%s, %s, loaded %d variants ago)", key.kind, key.dtype, entry.uses)
+        log.debug("base model reused (%s, %s, loaded %d variants ago)", key.kind, key.dtype, entry.uses)
     else:
         if _CACHED is not None:
-            log.info("base model changed (%s -> %s): dropping the loaded one", _CACHED.key, key)
+            log.debug("base model changed (%s -> %s): dropping the loaded one", _CACHED.key, key)
         drop()  # free the old base before the new one is loaded
         entry = _load(cfg, key, device)
         stats.loads += 1
@@ -236,7 +236,7 @@ def _load(cfg: Config, key: BaseKey, device: torch.device) -> _Entry:
         c = load_components(cfg.model)
     place(c, device, dtype, vae, unet_dtype(cfg, dtype))
     entry = _Entry(key, c, fingerprint(c), dict(c.unet.attn_processors), time.perf_counter() - started)
-    log.info("base model loaded in %.1f s (%s on %s, %s)", entry.loaded_s, key.kind, key.device, key.dtype)
+    log.debug("base model loaded in %.1f s (%s on %s, %s)", entry.loaded_s, key.kind, key.device, key.dtype)
     return entry
 
 

@@ -28,7 +28,7 @@ from sdxl_ablate.export.lora_export import base_model, log_kohya
 from sdxl_ablate.model.lora import lora_b_all_zero, save_lora
 from sdxl_ablate.model.basecache import acquire, last_use, release
 from sdxl_ablate.track.journal import JournalingTracker
-from sdxl_ablate.train.memory import MemoryGuard, configure_allocator, is_oom
+from sdxl_ablate.train.memory import MemoryGuard, configure_allocator, describe_peak, is_oom
 from sdxl_ablate.model.sdxl import load_components
 from sdxl_ablate.run.phases import Phases
 from sdxl_ablate.model.placement import place
@@ -162,7 +162,7 @@ def run_planned(cfg: Config, run_name: str, output_dir: Path, plan: Plan, sweep:
             log_summary(tracker)  # ablation/*: the headline numbers, from what was logged above
             tracker.set_status("ok")
             plan.finished(tracker.run_id, result.final_loss, output_dir)
-            log.info("variant %s: ok, final loss %.4f, %s", run_name, result.final_loss, peak)
+            log.info("variant %s: ok, final loss %.4f, %s", run_name, result.final_loss, describe_peak(peak))
             return result.final_loss
         except Exception as err:  # noqa: BLE001 - a failing variant must never stop the sweep
             if ddp is not None and not ddp.is_main:

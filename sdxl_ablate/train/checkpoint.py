@@ -328,7 +328,7 @@ class Checkpointer:
             self.failures.append(msg)
             return None
         self.written.append(path)
-        log.info("checkpoint written: %s", path)
+        log.debug("checkpoint written: %s", path)
         return path
 
 

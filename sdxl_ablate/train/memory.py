@@ -279,3 +279,13 @@ def dequantize_base_weights(module: torch.nn.Module, dtype: torch.dtype) -> None
 def _is_lora_weight(m: torch.nn.Module) -> bool:
     # peft's lora_A / lora_B are plain Linear/Conv2d layers inside ModuleDicts; they train.
     return any(p.requires_grad for p in m.parameters())
+
+
+def describe_peak(peak: dict[str, float]) -> str:
+    """The training peak for a log line, as the budget sees it: the card-side peak with a card
+    profile, else CUDA reserved, else the CPU's resident set."""
+    for key, what in (("memory/peak_card_gib", "card-side"), ("memory/peak_reserved_gib", "CUDA reserved"),
+                      ("memory/peak_rss_gib", "CPU RSS")):
+        if key in peak:
+            return f"peak memory {peak[key]:.2f} GiB ({what})"
+    return "peak memory not measured"
