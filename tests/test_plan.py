@@ -158,3 +158,36 @@ def test_full_sdxl_self_and_cross_attention_counts():
     c = plan.build_meta(plan.compose(["model=sdxl_random", "lora.targets=self_attn"]))
     modules = [n for n, _ in c.unet.named_modules() if n.endswith(".base_layer")]
     assert len(modules) == 280 and all(".attn1." in n for n in modules)
+
+
+SEED_MEMORY = Path(__file__).resolve().parents[1] / "results" / "seed_memory_plan.json"
+
+
+def _seed_memory_table() -> list[list[str]]:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("<!-- seed-memory:begin -->")[1].split("<!-- seed-memory:end -->")[0]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in block.strip().splitlines()[2:]]
+
+
+def test_the_readmes_seed_memory_table_is_the_committed_prediction():
+    rows = json.loads(SEED_MEMORY.read_text())["rows"]
+    table = _seed_memory_table()
+    assert len(table) == len(rows) == 4
+    for line, r in zip(table, rows):
+        seed, preset, _, encoding, alloc_reserved, card, fits, _ = line
+        assert (seed, preset) == (r["seed"], f"`{r['experiment']}`")
+        assert encoding.startswith("cached" if r["trainer.cache_latents"] else "live")
+        assert alloc_reserved == f"{r['predicted_peak_allocated_gib']:.2f} / {r['predicted_peak_reserved_gib']:.2f}"
+        assert card == f"{r['predicted_card_peak_gib']:.2f}" and fits == ("yes" if r["fits"] else "no")
+
+
+@pytest.mark.slow
+def test_the_committed_seed_memory_prediction_is_what_the_dry_run_says_now():
+    """The 000 live-encoding row, re-predicted: the committed file is not stale."""
+    row = next(r for r in json.loads(SEED_MEMORY.read_text())["rows"]
+               if r["seed"] == "000" and not r["trainer.cache_latents"])
+    overrides = row["command"].split()[3:]  # after `python -m sdxl_ablate.plan`
+    report = plan.plan(plan.compose(overrides))
+    m = report["memory"]
+    for key in ("predicted_peak_allocated_gib", "predicted_peak_reserved_gib", "predicted_card_peak_gib", "fits"):
+        assert m[key] == row[key], key
