@@ -31,7 +31,7 @@ def test_four_runs_and_two_sweeps_started_together_on_a_fresh_store(tmp_path):
     sweeps = [start(tmp_path, f"trainer.seed={s}", "lora.targets=attn,all", multirun=True) for s in (1, 2)]
     outs = [(p, *p.communicate(timeout=600)) for p in singles + sweeps]
     for p, out, err in outs:
-        assert p.returncode == 0, err[-3000:]
+        assert p.returncode == 0, out[-3000:] + err[-3000:]
         assert "Traceback" not in err and "already exists" not in err, err[-3000:]
     for p, out, err in outs[4:]:
         assert "2 variants: 2 ok" in out and "exit code" not in out, out[-2000:]

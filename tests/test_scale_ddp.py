@@ -91,4 +91,4 @@ def test_two_process_data_parallel_equals_one_process_with_the_same_global_batch
     assert moved > 1e-3  # the LoRA did train (lora_B starts at zero)
     # Rank 0 alone wrote the output directory.
     assert (ddp_dir / ".hydra" / "config.yaml").is_file()
-    assert sorted(p.name for p in ddp_dir.iterdir()) == sorted([".hydra", "lora", "__main__.log", "phases.json"])
+    assert sorted(p.name for p in ddp_dir.iterdir()) == sorted([".hydra", "lora", "__main__.log", "phases.json", "tracking_journal"])

@@ -51,8 +51,8 @@ def test_grad_accumulation_runs_that_many_micro_batches_per_step(tmp_path, monke
     assert calls == [3] * 6 and result.images_per_step == 6 and result.steps == 3
 
 
-def test_epochs_override_max_steps(tmp_path):
-    cfg, c, data = setup(tmp_path, "trainer.epochs=2", "trainer.batch_size=4", "trainer.max_steps=999")
+def test_epochs_set_the_run_length(tmp_path):
+    cfg, c, data = setup(tmp_path, "trainer.epochs=2", "trainer.batch_size=4", "trainer.max_steps=null")
     assert len(data.train) == 12
     assert train_mod.train(c, data, cfg, torch.device("cpu")).steps == 2 * math.ceil(12 / 4)
 

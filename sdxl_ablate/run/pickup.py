@@ -217,6 +217,10 @@ def reap_dead_runs(client: MlflowClient, exp_id: str, keep: str | None, seen_by:
         if held is None and Path(lock_dir) != own_dir:
             continue  # its process is alive
         try:
+            # Re-read under its lock: a run that finished after the search above closed itself before
+            # giving its lock back (runner.run), so only a run still RUNNING now was left by a dead process.
+            if client.get_run(rid).info.status != "RUNNING":
+                continue
             why = (f"the process training this run ended without closing it (killed or crashed); found RUNNING "
                    f"by variant {seen_by} at {time.strftime('%Y-%m-%d %H:%M:%S')}. Re-running the same command "
                    "resumes it from its last checkpoint.")

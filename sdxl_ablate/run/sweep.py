@@ -334,6 +334,8 @@ def close_dead_parents(client, experiment_id: str, seen_by: str) -> list[str]:
         pid = int(tags["pid"])
         if _alive(pid, tags.get("pid.start")):
             continue
+        if client.get_run(run.info.run_id).info.status != "RUNNING":
+            continue  # it closed its parent and exited after the search above: not dead, done
         info = SweepInfo(tags.get("sweep_id", ""), run.info.run_id, int(tags.get("n_jobs", "0") or 0))
         why = (f"the sweep's process (pid {pid} on {host}) ended without closing its parent run (killed, "
                f"or the store failed at its end); found RUNNING by sweep {seen_by} at "
