@@ -5,6 +5,8 @@ KILL_AT=in_write:N kills it in the middle of writing checkpoint N, after tearing
 in half (what a kill during the write leaves); KILL_AT=sweep_end makes the store fail when the
 sweep records its end (`database is locked`), after every variant ran. Used by
 test_resume_kill.py and test_sweep_lifecycle.py; no hook of this kind exists in the package itself.
+STORE_DIES_AT=N:DB makes the sqlite store DB die for real when the step-N train/loss reaches it: its
+header is zeroed in place (the original 100 bytes are kept in DB.header, to bring it back).
 """
 
 from __future__ import annotations
@@ -50,9 +52,30 @@ def arm(kill_at: str) -> None:
         raise SystemExit(f"KILL_AT={kill_at!r}: expected after_step:N, in_write:N or sweep_end")
 
 
+def store_dies(spec: str) -> None:
+    from sdxl_ablate.track import tracker
+
+    n, _, db = spec.partition(":")
+    real = tracker.Tracker.log_metrics
+
+    def log_metrics(self, metrics, step=0, **kw):
+        if "train/loss" in metrics and step == int(n) and not os.path.exists(db + ".header"):
+            with open(db, "r+b") as f:
+                header = f.read(100)
+                f.seek(0)
+                f.write(b"\0" * 100)
+            with open(db + ".header", "wb") as f:
+                f.write(header)
+        return real(self, metrics, step, **kw)
+
+    tracker.Tracker.log_metrics = log_metrics
+
+
 if __name__ == "__main__":
     import runpy
 
     arm(os.environ.get("KILL_AT", ""))
+    if os.environ.get("STORE_DIES_AT"):
+        store_dies(os.environ["STORE_DIES_AT"])
     # Exactly `python -m sdxl_ablate <overrides>` (Hydra finds conf/ from the __main__ module's file).
     runpy.run_module("sdxl_ablate", run_name="__main__", alter_sys=True)

@@ -225,3 +225,96 @@ def test_an_unwritable_journal_leaves_the_run_to_mlflow(tmp_path, caplog):
     run = client.get_run(t.run_id)
     assert run.data.params == {"p": "1"} and run.data.metrics["m"] == 1.0 and run.info.status == "FINISHED"
     assert [a.path for a in client.list_artifacts(t.run_id)] == ["notes.txt"]
+
+
+@pytest.mark.slow
+def test_a_resumed_runs_journal_holds_the_whole_run_so_a_fresh_store_gets_it_complete(tmp_path):
+    """Attempt 1 (a real process): the store dies at step 2, the process is SIGKILLed after step 5
+    (last checkpoint: step 4). Attempt 2, in a new output directory with the store back, resumes
+    and finishes. Its journal alone, replayed into a fresh store, is the whole run."""
+    import os
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    steps = ("trainer.max_steps=6", "trainer.checkpoint_every=2", "trainer.keep_checkpoints=1")
+    normal_dir = tmp_path / "normal"
+    runner.run(to_typed(compose_config(tiny_overrides(normal_dir, "study=unit", *steps))), "variant",
+               normal_dir / "out")
+    n_client, normal = _only_run(f"sqlite:///{normal_dir}/mlflow.db")
+    normal_losses = _losses(n_client, normal)
+    assert len(normal_losses) == 6
+
+    d = tmp_path / "dies"
+    d.mkdir()
+    db = d / "mlflow.db"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "KILL_AT": "after_step:5",
+           "STORE_DIES_AT": f"2:{db}"}
+    first = subprocess.run([sys.executable, "-m", "tests.kill_driver", *tiny_overrides(d, "study=unit", *steps),
+                            f"hydra.run.dir={d}/attempt1"], cwd=d, env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert first.returncode == -9, first.stderr[-3000:]  # SIGKILLed, with the store dead since step 2
+    assert (db.parent / "mlflow.db.header").is_file()
+    with open(db, "r+b") as f:  # the store is back
+        f.write((db.parent / "mlflow.db.header").read_bytes())
+    client, own = _only_run(f"sqlite:///{db}")
+    assert _losses(client, own) == normal_losses[:2]  # what the store got before it died
+
+    cfg = to_typed(compose_config(tiny_overrides(d, "study=unit", *steps)))
+    runner.run(cfg, "variant", d / "attempt2")  # resumes from step-4, into the same run
+    own = client.get_run(own.info.run_id)
+    assert own.data.tags["resumed_from"].endswith("step-00000004")
+    assert _losses(client, own) == normal_losses[:2] + normal_losses[4:]  # attempt 1's journal-only steps lack
+
+    fresh = f"sqlite:///{tmp_path}/fresh.db"
+    replay(d / "attempt2", fresh)
+    f_client, whole = _only_run(fresh)
+    assert _params(whole, d) == _params(normal, normal_dir)
+    config = f_client.download_artifacts(whole.info.run_id, "config.yaml", str(tmp_path / "dl"))
+    assert Path(config).read_text() == to_yaml(cfg)
+    assert _losses(f_client, whole) == normal_losses  # each step once, the very values
+    assert whole.data.tags["status"] == "ok" and whole.info.status == "FINISHED"
+    assert _ablation(whole).keys() == _ablation(normal).keys() and len(_ablation(whole)) >= 4
+
+    # Into its own store: only what it lacks (attempt 1's steps 2 and 3): then it is whole too.
+    replay(d / "attempt2")
+    own = client.get_run(own.info.run_id)
+    assert _losses(client, own) == normal_losses
+
+
+def test_carry_over_copies_the_run_so_far_and_chains(tmp_path):
+    """What a resume's journal starts with: records up to the cut with their acks and files, not
+    the earlier attempt's close nor its metric points past the cut; a third attempt gets both."""
+    from sdxl_ablate.track.journal import Journal, carry_over
+
+    def write(out, ops):
+        j = Journal(out)
+        for op, fields, acked in ops:
+            if op == "log_text":
+                fields = {"file": j.keep_text(fields["text"], "notes.txt"), "artifact_file": "notes.txt"}
+            seq = j.append(op, **fields)
+            if acked:
+                j.ack(seq)
+        j.close()
+
+    def read(out):
+        return [json.loads(x) for x in journal_path(out).read_text().splitlines()]
+
+    write(tmp_path / "a1", [("open", {"run_id": "r"}, False), ("log_params", {"params": {"p": "1"}}, True),
+                            ("log_text", {"text": "cfg"}, True), ("log_metrics", {"metrics": {"m": 0.0}, "step": 0}, True),
+                            ("log_metrics", {"metrics": {"m": 1.0}, "step": 1}, False),
+                            ("log_metrics", {"metrics": {"m": 2.0}, "step": 2}, False),
+                            ("set_tags", {"tags": {"status": "failed"}}, False), ("close", {"status": "FAILED"}, False)])
+    assert carry_over(tmp_path / "a1", tmp_path / "a2", 1) == 6
+    a2 = read(tmp_path / "a2")
+    assert [(r["op"], r["seq"]) for r in a2] == [("open", 0), ("log_params", 1), ("ack", 1), ("log_text", 2), ("ack", 2),
+                                                 ("log_metrics", 3), ("ack", 3), ("log_metrics", 4), ("set_tags", 6)]
+    assert (journal_path(tmp_path / "a2").parent / a2[3]["file"]).read_text() == "cfg"
+    assert unsent_records(tmp_path / "a2") == 2  # the step-1 point and the tag: the own store lacks them
+    write(tmp_path / "a2", [("log_metrics", {"metrics": {"m": 2.5}, "step": 2}, True)])  # numbers go on
+    assert read(tmp_path / "a2")[-2]["seq"] == 7
+    assert carry_over(tmp_path / "a2", tmp_path / "a2", 5) == 0  # the same directory: already there
+    assert carry_over(tmp_path / "a2", tmp_path / "a3", 5) == 7  # the chain: attempt 1's part, then 2's
+    assert [r["metrics"]["m"] for r in read(tmp_path / "a3") if r["op"] == "log_metrics"] == [0.0, 1.0, 2.5]
+    assert carry_over(tmp_path / "a1", tmp_path / "a3", 1) == 0  # never into a journal with records of its own

@@ -4,7 +4,8 @@ Each training is identified by its `config_hash` (config/identity.py) and owns a
 `<trainer.checkpoint_dir or <cwd>/checkpoints>/<study>/<config_hash>/`, which holds
 
 - `step-NNNNNNNN/`: its checkpoints (checkpoint.py),
-- `run.json`: the MLflow run it trains into, so a resume continues that run,
+- `run.json`: the MLflow run it trains into, so a resume continues that run, and the output
+  directory whose tracking journal holds that run so far (a resume's journal starts with it),
 - `result.json`: written when it finished with status ok (used when MLflow cannot be asked),
 - `lock`: held (flock) by the process training it; a free lock means nobody is.
 
@@ -40,7 +41,7 @@ from mlflow.tracking import MlflowClient
 
 from sdxl_ablate.track.files import atomic_write_json
 from sdxl_ablate.train.checkpoint import (META, Checkpointer, NoCheckpoints, ConfigMismatch,
-                         config_differences, latest_valid, list_checkpoints, verify)
+                         config_differences, latest_valid, list_checkpoints, step_of, verify)
 from sdxl_ablate.config import Config, config_hash, hashed_items
 from sdxl_ablate.track.limits import param_value
 from sdxl_ablate.track.tracker import connect, resolve_uri
@@ -101,6 +102,7 @@ class Plan:
     result: float | None = None  # skip: the recorded final loss
     tags: dict[str, str] = field(default_factory=dict)  # for the run
     logged_up_to: int = -1  # resume: the last step whose train/loss the run already has
+    earlier_output_dir: str | None = None  # resume: the output directory of the attempt it continues
     _lock: Any = None
 
     def checkpointer(self, cfg: Config) -> Checkpointer:
@@ -110,11 +112,31 @@ class Plan:
         return Checkpointer(self.directory, t.checkpoint_every or None, t.keep_checkpoints, hashed_items(cfg),
                             resume_from=self.resume_from)
 
-    def opened(self, tracker, uri: str) -> None:
-        """The run is open: remember its id here, so a later resume continues this run."""
+    def carry_journal(self, output_dir: Path) -> None:
+        """A resume's journal starts with the run so far: the earlier attempt's journal (which, after
+        earlier resumes, holds theirs too), up to where this attempt takes over. Called before this
+        attempt journals anything."""
+        if self.action != "resume" or not self.earlier_output_dir:
+            return
+        from sdxl_ablate.track.journal import carry_over
+
+        # The loop logs step n (0-based) as its (n+1)th: resumed from checkpoint step-C it logs steps C
+        # on again, except the train/loss steps the run already has (metrics_logger).
+        cut = max(step_of(self.resume_from) - 1 if self.resume_from is not None else -1, self.logged_up_to)
+        try:
+            carry_over(Path(self.earlier_output_dir), Path(output_dir), cut)
+        except OSError as err:  # the journal then holds this attempt alone, as before
+            log.error("could not copy the earlier attempt's tracking journal from %s (%s): this run's journal "
+                      "holds only what it logs from its resume on", self.earlier_output_dir, err)
+
+    def opened(self, tracker, uri: str, output_dir: Path | None = None) -> None:
+        """The run is open: remember its id (and where its journal is) here, so a later resume
+        continues this run and its journal."""
         try:
             atomic_write_json(self.directory / RUN_RECORD, {"run_id": tracker.run_id, "tracking_uri": uri,
-                                                            "config_hash": self.config_hash})
+                                                            "config_hash": self.config_hash,
+                                                            **({"output_dir": str(Path(output_dir).resolve())}
+                                                               if output_dir is not None else {})})
         except OSError as err:  # e.g. a full disk: training goes on; a resume would open a new run
             log.error("could not record the run id in %s (%s): a resume of this variant will start a new "
                       "MLflow run", self.directory / RUN_RECORD, err)
@@ -370,6 +392,8 @@ def _decide(plan: Plan, cfg: Config, run_name: str) -> None:
         if plan.action == "resume":
             history = client.get_metric_history(plan.run_id, "train/loss")
             plan.logged_up_to = max((m.step for m in history), default=-1)
+            # The same run goes on: its journal so far is in the earlier attempt's output directory.
+            plan.earlier_output_dir = record.get("output_dir")
         else:
             plan.run_id = None
     if plan.resume_from is not None:

@@ -124,7 +124,7 @@ def run_planned(cfg: Config, run_name: str, output_dir: Path, plan: Plan, sweep:
     with tracker, contextlib.ExitStack() as held:
         phases.instrument(tracker)
         if main_rank:
-            plan.opened(tracker, tracker.uri)
+            plan.opened(tracker, tracker.uri, output_dir)
         tracker.log_params(plan.params_to_log(used_params(cfg), tracker))
         tracker.log_text(to_yaml(cfg), "config.yaml")
         tracker.set_tags({"output_dir": str(output_dir)})
@@ -185,6 +185,7 @@ def open_tracker(cfg: Config, run_name: str, output_dir: Path, plan: Plan, sweep
     Under torchrun rank 0 alone owns the run; the other ranks log nothing."""
     if not main_rank:
         return distributed.NullTracker()
+    plan.carry_journal(output_dir)  # a resume's journal starts with the run so far
     return JournalingTracker(cfg.tracking, cfg.study, run_name, output_dir,
                              tags={**variant_tags(cfg), **sweep.tags(), **plan.tags}, run_id=plan.run_id)
 

@@ -7,6 +7,8 @@ MLflow cannot be reached or written (server down, unwritable or locked sqlite fi
 the failure is logged once, loudly, and from then on the run goes to the journal alone:
 training goes on. `python -m sdxl_ablate.replay <output dir>` then puts into the run's own
 store only what it lacks (the records without an ack), and into any other store the whole run.
+A resumed run's journal starts with the run so far, copied from the attempt it resumes
+(`carry_over`): the newest attempt's journal is the whole run.
 
 A failed artifact upload alone (a full artifact disk) leaves that artifact without an ack and
 keeps using MLflow for the rest. Artifacts are journaled by path (the file stays where the run
@@ -19,6 +21,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -64,6 +67,51 @@ def unsent_records(output_dir: Path) -> int:
         else:
             unnumbered += 1
     return len(pending) + unnumbered
+
+
+def carry_over(earlier_dir: Path, output_dir: Path, cut: int) -> int:
+    """Starts `output_dir`'s journal with the run so far, from the journal of the attempt it
+    resumes (`earlier_dir`, whose journal holds the attempts before it too): every record up to
+    where the resumed attempt takes over, that is each one but the earlier attempt's `close` and
+    its metric points after step `cut` (the resume logs those steps again), with the acks of the
+    records copied (replay into the run's own store still sends only what it lacks) and the texts
+    and images they name. Records keep their numbers; this attempt's go on after them. Returns
+    how many records were copied (0 when there is nothing to copy, or this journal already has
+    records of its own)."""
+    src, dst = journal_path(earlier_dir), journal_path(output_dir)
+    if not src.is_file() or src.resolve() == dst.resolve() or (dst.is_file() and dst.stat().st_size):
+        return 0
+    lines, kept = [], set()
+    for line in src.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # a torn last line
+        op = rec.get("op")
+        if op == ACK:
+            if rec.get("seq") in kept:
+                lines.append(line)
+            continue
+        if op == "close" or (op == "log_metrics" and rec.get("step", 0) > cut):
+            continue
+        kept.add(rec.get("seq"))
+        lines.append(line)
+        if op in ("log_text", "log_image") and rec.get("file"):
+            target = dst.parent / rec["file"]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src.parent / rec["file"], target)
+    if not kept:
+        return 0
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".carry")
+    with open(tmp, "w") as f:
+        f.write("".join(x + "\n" for x in lines))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, dst)
+    log.info("tracking journal %s starts with the %d records of the run so far (from %s, up to step %d)",
+             dst, len(kept), src, cut)
+    return len(kept)
 
 
 class Journal:
