@@ -168,3 +168,11 @@ def test_flatten_gives_dotted_plain_params():
     assert flat["trainer.lr"] == 1e-4
     assert all(not isinstance(v, dict) for v in flat.values())
     assert set(UNET_TARGETS) == set(Targets)
+
+
+@pytest.mark.parametrize("variant", ["te_all", "attn", "dora_prodigy"])
+def test_the_demo_study_stays_the_tiny_model_at_its_own_size(variant):
+    """`make demo` is the study on the tiny model: the study's 512 px (for the real SDXL) must not
+    reach it (a 64 px model trained on 512 px crops is only slower, not truer)."""
+    cfg = to_typed(compose_config(["sweep=naruto_study", "experiment=demo", f"variant={variant}"]))
+    assert (cfg.model.kind.value, cfg.data.resolution, cfg.trainer.max_steps, cfg.trainer.grad_accum) == ("tiny", 64, 30, 1)

@@ -469,3 +469,16 @@ def test_a_stopped_sweep_is_incomplete_even_with_its_counts_recorded():
     state = completeness(runs, "s3", parents)
     assert not state.complete
     assert state.line("s3").startswith("**Incomplete sweep s3: 2 of 3 jobs done, the sweep was stopped.**")
+
+
+def test_every_axis_that_varies_is_named_in_the_table():
+    """Merged sweeps can differ in any axis of config/identity.AXES (rank, alpha, ...), not only the
+    study's six: each is named in "What differs", none is a KeyError."""
+    runs = [rec("a", "1", eval__heldout_loss=0.5, eval__heldout_loss_base=0.6, eval__heldout_loss_se=0.01),
+            rec("b", "2", eval__heldout_loss=0.55, eval__heldout_loss_base=0.6, eval__heldout_loss_se=0.01)]
+    runs[0].tags.update({"lora.rank": "16", "lora.alpha": "32", "lora.targets": "attn"})
+    runs[1].tags.update({"lora.rank": "4", "lora.alpha": "4", "lora.targets": "attn"})
+    a = analyse(runs)
+    assert set(a.axes_that_vary) == {"lora.rank", "lora.alpha"}
+    differs = {row[0]: row[1] for row in table_rows(a)}
+    assert differs["a"] == "rank=16, alpha=32" and differs["b"] == "rank=4, alpha=4"

@@ -79,10 +79,11 @@ def fmt_se(mean: Optional[float], se: Optional[float], digits: int = 4, sign: bo
 
 def differs(a: Analysis, v: Variant) -> str:
     """The axes that vary across the study, as this variant sets them."""
+    # Compact names for the table's narrow column; any other axis (rank, alpha, ...) by its name in AXES.
     short = {"lora.targets": "targets", "lora.text_encoder": "te", "lora.use_dora": "dora",
              "lora.dropout": "dropout", "trainer.precision": "precision", "trainer.optimizer": "optim",
              "data.resolution": "px"}
-    return ", ".join(f"{short[x]}={v.tag(x)}" for x in a.axes_that_vary if v.tag(x) is not None)
+    return ", ".join(f"{short.get(x, AXES[x])}={v.tag(x)}" for x in a.axes_that_vary if v.tag(x) is not None)
 
 
 TABLE_HEADER = ["Variant", "What differs", "Seeds", "{score} ± SE", "Lift vs base ± SE", "{other1}",
