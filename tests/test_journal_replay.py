@@ -67,6 +67,21 @@ def _params(run, d: Path) -> dict[str, str]:
     return {k: v.replace(str(d), "<DIR>") for k, v in run.data.params.items()}
 
 
+def _replayed_whole(out: Path, d: Path, cfg, tmp_path: Path, normal, normal_dir: Path, normal_losses):
+    """Replays `out`'s journal into a fresh store and checks it is the whole run, as the same run
+    without failure logged it: its params, config.yaml, every train/loss step once with the very
+    values, status ok and FINISHED. -> (client, the replayed run)."""
+    fresh = f"sqlite:///{tmp_path}/fresh.db"
+    replay(out, fresh)
+    client, whole = _only_run(fresh)
+    assert _params(whole, d) == _params(normal, normal_dir)
+    config = client.download_artifacts(whole.info.run_id, "config.yaml", str(tmp_path / "dl"))
+    assert Path(config).read_text() == to_yaml(cfg)
+    assert _losses(client, whole) == normal_losses  # every step once, the very values
+    assert whole.data.tags["status"] == "ok" and whole.info.status == "FINISHED"
+    return client, whole
+
+
 @pytest.mark.slow
 def test_a_store_that_dies_mid_run_replays_whole_into_a_fresh_store_and_without_duplicates_into_its_own(
         tmp_path, monkeypatch):
@@ -101,14 +116,7 @@ def test_a_store_that_dies_mid_run_replays_whole_into_a_fresh_store_and_without_
     assert unsent_records(dies_dir / "out") > 0
 
     # (1) Into a fresh store: the whole run, from its params to its close.
-    fresh = f"sqlite:///{tmp_path}/fresh.db"
-    replay(dies_dir / "out", fresh)
-    f_client, whole = _only_run(fresh)
-    assert _params(whole, dies_dir) == _params(normal, normal_dir)
-    config = f_client.download_artifacts(whole.info.run_id, "config.yaml", str(tmp_path / "dl"))
-    assert Path(config).read_text() == to_yaml(cfg)
-    assert _losses(f_client, whole) == normal_losses  # every step, the very values
-    assert whole.data.tags["status"] == "ok" and whole.info.status == "FINISHED"
+    f_client, whole = _replayed_whole(dies_dir / "out", dies_dir, cfg, tmp_path, normal, normal_dir, normal_losses)
     assert whole.data.tags["tracking.replayed"] == "true"
     assert {"lora"} <= {a.path for a in f_client.list_artifacts(whole.info.run_id)}
     # ablation/*, computed while the store was dead, as a run without failure computes them:
@@ -267,14 +275,7 @@ def test_a_resumed_runs_journal_holds_the_whole_run_so_a_fresh_store_gets_it_com
     assert own.data.tags["resumed_from"].endswith("step-00000004")
     assert _losses(client, own) == normal_losses[:2] + normal_losses[4:]  # attempt 1's journal-only steps lack
 
-    fresh = f"sqlite:///{tmp_path}/fresh.db"
-    replay(d / "attempt2", fresh)
-    f_client, whole = _only_run(fresh)
-    assert _params(whole, d) == _params(normal, normal_dir)
-    config = f_client.download_artifacts(whole.info.run_id, "config.yaml", str(tmp_path / "dl"))
-    assert Path(config).read_text() == to_yaml(cfg)
-    assert _losses(f_client, whole) == normal_losses  # each step once, the very values
-    assert whole.data.tags["status"] == "ok" and whole.info.status == "FINISHED"
+    f_client, whole = _replayed_whole(d / "attempt2", d, cfg, tmp_path, normal, normal_dir, normal_losses)
     assert _ablation(whole).keys() == _ablation(normal).keys() and len(_ablation(whole)) >= 4
 
     # Into its own store: only what it lacks (attempt 1's steps 2 and 3): then it is whole too.

@@ -45,6 +45,18 @@ def journal_path(output_dir: Path) -> Path:
     return Path(output_dir) / JOURNAL_DIR / JOURNAL
 
 
+def _lines(path: Path):
+    """(line, record) for each whole record of a journal file; a torn line (a kill mid-write) or
+    anything else that is not a record is passed over."""
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            yield line, rec
+
+
 def unsent_records(output_dir: Path) -> int:
     """How many of the run's journaled records MLflow lacks (no ack): 0 when the journal is gone
     or MLflow holds all of it. Bookkeeping records (`open`, `failure`) do not count."""
@@ -53,11 +65,7 @@ def unsent_records(output_dir: Path) -> int:
         return 0
     pending: set = set()
     unnumbered = 0  # records of journals written before records had numbers: never sent
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue  # a torn last line
+    for _, rec in _lines(path):
         if rec.get("op") in ("open", "failure"):
             continue
         if rec.get("op") == ACK:
@@ -82,11 +90,7 @@ def carry_over(earlier_dir: Path, output_dir: Path, cut: int) -> int:
     if not src.is_file() or src.resolve() == dst.resolve() or (dst.is_file() and dst.stat().st_size):
         return 0
     lines, kept = [], set()
-    for line in src.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue  # a torn last line
+    for line, rec in _lines(src):
         op = rec.get("op")
         if op == ACK:
             if rec.get("seq") in kept:
@@ -140,11 +144,8 @@ class Journal:
         # Numbers go on after an earlier process's records (a re-run into the same output directory).
         self._next_seq = 0
         if self.path.is_file():
-            for line in self.path.read_text().splitlines():
-                try:
-                    self._next_seq = max(self._next_seq, json.loads(line).get("seq", -1) + 1)
-                except (ValueError, AttributeError):
-                    pass
+            for _, rec in _lines(self.path):
+                self._next_seq = max(self._next_seq, rec.get("seq", -1) + 1)
         self._file = open(self.path, "a")
 
     def append(self, op: str, time_ms: int | None = None, **fields: Any) -> int | None:
